@@ -1,0 +1,39 @@
+# Two commands do all the set-up on a fresh machine:
+#   make run    install the pinned environment, then run the whole pipeline on the full dataset
+#   make test   install the pinned environment, then run the test suite
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+# Offline and quiet: no telemetry or update checks from Prefect or DVC.
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export DVC_NO_ANALYTICS := 1
+export TF_CPP_MIN_LOG_LEVEL := 2
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+
+.PHONY: setup run repro test lint lock
+
+$(BIN)/uv:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check uv==0.13.9
+
+$(VENV)/.synced: requirements.lock | $(BIN)/uv
+	$(BIN)/uv pip sync --quiet --compile-bytecode --python $(BIN)/python requirements.lock
+	touch $@
+
+setup: $(VENV)/.synced
+
+run: setup
+	$(BIN)/python -m flows.pipeline
+
+repro: setup
+	$(BIN)/dvc repro --pull
+
+test: setup
+	$(BIN)/python -m pytest
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+lock: $(BIN)/uv
+	$(BIN)/uv pip compile --quiet --python-version 3.11 --generate-hashes requirements.in -o requirements.lock

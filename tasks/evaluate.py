@@ -1,0 +1,196 @@
+"""Evaluate: the only stage that touches the test set; metrics, per-class figures and plots."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from tasks.cli import run_stage
+from tasks.io import DataError, atomic_path, load_model, read_arrays, read_json, read_table, write_json, write_table
+from tasks.params import Params
+
+log = logging.getLogger(__name__)
+
+SAMPLE_GRID = (3, 12)  # rows x columns of test images, as the tutorial shows 36
+
+
+@dataclass(frozen=True)
+class Scores:
+    accuracy: float
+    loss: float
+    per_class: pd.DataFrame  # class, precision, recall, f1, support
+    confusion: np.ndarray  # [actual, predicted] counts
+
+
+def score_predictions(probabilities: np.ndarray, labels: np.ndarray, class_names: list[str]) -> Scores:
+    """Accuracy, cross-entropy, per-class precision/recall/F1 and the confusion matrix."""
+    num_classes = len(class_names)
+    if probabilities.shape != (labels.size, num_classes):
+        raise ValueError(f"probabilities have shape {probabilities.shape}, expected ({labels.size}, {num_classes})")
+    predicted = probabilities.argmax(axis=1)
+    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(confusion, (labels, predicted), 1)
+    true_positives = np.diag(confusion).astype(np.float64)
+    predicted_totals = confusion.sum(axis=0)
+    support = confusion.sum(axis=1)
+    precision = np.divide(true_positives, predicted_totals, out=np.zeros(num_classes), where=predicted_totals > 0)
+    recall = np.divide(true_positives, support, out=np.zeros(num_classes), where=support > 0)
+    denominator = precision + recall
+    f1 = np.divide(2 * precision * recall, denominator, out=np.zeros(num_classes), where=denominator > 0)
+    # Clip so one confident mistake costs a large but finite loss (1e-7 as Keras' epsilon).
+    picked = np.clip(probabilities[np.arange(labels.size), labels], 1e-7, 1.0)
+    per_class = pd.DataFrame(
+        {"class": class_names, "precision": precision, "recall": recall, "f1": f1, "support": support}
+    )
+    return Scores(
+        accuracy=float((predicted == labels).mean()),
+        loss=float(-np.log(picked).mean()),
+        per_class=per_class,
+        confusion=confusion,
+    )
+
+
+def metrics_summary(scores: Scores, best: dict) -> dict:
+    """The metrics file: test figures, per-class figures and where the model came from."""
+    per_class = {
+        row["class"]: {key: round(float(row[key]), 4) for key in ("precision", "recall", "f1")}
+        for row in scores.per_class.to_dict("records")
+    }
+    return {
+        "test": {
+            "accuracy": round(scores.accuracy, 4),
+            "loss": round(scores.loss, 4),
+            "macro_f1": round(float(scores.per_class["f1"].mean()), 4),
+        },
+        "per_class": per_class,
+        "best_epoch": best["epoch"],
+        "val_accuracy": round(best["val_accuracy"], 4),
+        "val_loss": round(best["val_loss"], 4),
+    }
+
+
+def confusion_summary(confusion: np.ndarray, class_names: list[str]) -> dict:
+    """Confusion counts as {actual: {predicted: count}}, a metrics file DVC can diff."""
+    return {
+        actual: {predicted: int(confusion[row, column]) for column, predicted in enumerate(class_names)}
+        for row, actual in enumerate(class_names)
+    }
+
+
+def _save_figure(figure, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path, suffix=".png") as temporary:
+        figure.savefig(temporary, format="png", dpi=100, bbox_inches="tight")
+    plt.close(figure)
+    return path
+
+
+def plot_training_curves(history: pd.DataFrame, best_epoch: int, path: Path) -> Path:
+    """Loss and accuracy per epoch, train and validation, with the selected epoch marked."""
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for axis, metric in zip(axes, ("loss", "accuracy"), strict=True):
+        axis.plot(history["epoch"], history[metric], marker="o", label=f"train {metric}")
+        axis.plot(history["epoch"], history[f"val_{metric}"], marker="o", label=f"validation {metric}")
+        axis.axvline(best_epoch, color="grey", linestyle="--", label=f"selected epoch {best_epoch}")
+        axis.set_xlabel("epoch")
+        axis.set_title(metric)
+        axis.legend()
+    return _save_figure(figure, path)
+
+
+def plot_confusion(confusion: np.ndarray, class_names: list[str], path: Path) -> Path:
+    """The confusion matrix as a heat map with counts."""
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(8, 7))
+    axis.imshow(confusion, cmap="Blues")
+    ticks = np.arange(len(class_names))
+    axis.set_xticks(ticks, class_names, rotation=45, ha="right")
+    axis.set_yticks(ticks, class_names)
+    axis.set_xlabel("predicted")
+    axis.set_ylabel("actual")
+    threshold = confusion.max() / 2
+    for (row, column), count in np.ndenumerate(confusion):
+        axis.text(column, row, str(count), ha="center", va="center", color="white" if count > threshold else "black")
+    axis.set_title("test confusion matrix")
+    return _save_figure(figure, path)
+
+
+def plot_samples(
+    images: np.ndarray, labels: np.ndarray, predicted: np.ndarray, class_names: list[str], path: Path
+) -> Path:
+    """The first test images with predicted (true) class names; wrong predictions in red."""
+    import matplotlib.pyplot as plt
+
+    rows, columns = SAMPLE_GRID
+    figure = plt.figure(figsize=(20, 5.5))
+    for index in range(min(rows * columns, len(images))):
+        axis = figure.add_subplot(rows, columns, index + 1, xticks=[], yticks=[])
+        axis.imshow(images[index])
+        correct = predicted[index] == labels[index]
+        axis.set_title(
+            f"{class_names[predicted[index]]}\n({class_names[labels[index]]})",
+            color="green" if correct else "red",
+            fontsize=9,
+        )
+    figure.suptitle("test images: predicted (true) class; red where wrong")
+    return _save_figure(figure, path)
+
+
+def run(params: Params) -> list[Path]:
+    """Score the selected model on the test set; write metrics, tables and plots."""
+    paths = params.paths
+    test = read_arrays(paths.prepared / "dataset.npz", ("x_test", "y_test"))
+    class_names = read_json(paths.prepared / "report.json")["class_names"]
+    best = read_json(paths.model / "best.json")
+    model = load_model(paths.model / "model.keras", sha256=best.get("sha256"))
+    log.info("scoring %s (epoch %d) on %d test images", paths.model / "model.keras", best["epoch"], test["y_test"].size)
+    probabilities = np.asarray(model.predict(test["x_test"], batch_size=500, verbose=0))
+    if not np.all(np.isfinite(probabilities)):
+        raise DataError(f"{paths.model / 'model.keras'}: the model predicts non-finite probabilities")
+    scores = score_predictions(probabilities, test["y_test"].astype(np.int64), class_names)
+    predicted = probabilities.argmax(axis=1)
+    names = np.asarray(class_names)
+    # The test set is ordered by class: a stride shows every class in the sample grid.
+    spread = slice(None, None, max(1, test["y_test"].size // (SAMPLE_GRID[0] * SAMPLE_GRID[1])))
+    written = [
+        write_json(paths.metrics / "metrics.json", metrics_summary(scores, best)),
+        write_json(paths.metrics / "confusion.json", confusion_summary(scores.confusion, class_names)),
+        write_table(paths.metrics / "per_class.csv", scores.per_class.round(4)),
+        write_table(
+            paths.metrics / "predictions.csv",
+            pd.DataFrame({"actual": names[test["y_test"]], "predicted": names[predicted]}),
+        ),
+        plot_training_curves(
+            read_table(paths.training / "history.csv"), best["epoch"], paths.plots / "training_curves.png"
+        ),
+        plot_confusion(scores.confusion, class_names, paths.plots / "confusion_matrix.png"),
+        plot_samples(
+            test["x_test"][spread],
+            test["y_test"][spread],
+            predicted[spread],
+            class_names,
+            paths.plots / "sample_predictions.png",
+        ),
+    ]
+    log.info("test accuracy %.4f, loss %.4f", scores.accuracy, scores.loss)
+    return written
+
+
+def main() -> None:
+    """Entry point for `python -m tasks.evaluate`."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display here or on a server
+    run_stage(run, __doc__)
+
+
+if __name__ == "__main__":
+    main()

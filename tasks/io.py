@@ -1,0 +1,185 @@
+"""The only place arrays, JSON, tables and models are written and read.
+
+Every writer goes through `atomic_path`: data lands under a temporary name in the
+destination folder and is renamed into place only once complete, so a crash, a kill or
+a full disk never leaves a half-written file under the final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import zipfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+_HASH_CHUNK_BYTES = 1 << 20
+
+
+class DataError(ValueError):
+    """An input file is missing, corrupt or not what the stage expected."""
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | Path, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path beside `final`; rename it onto `final` only if the block succeeds."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=f".tmp{suffix}")
+    os.close(handle)
+    temporary = Path(name)
+    os.chmod(temporary, 0o666 & ~_current_umask())  # mkstemp makes 0600; give the usual mode
+    try:
+        yield temporary
+        with open(temporary, "rb+") as written:
+            os.fsync(written.fileno())
+        os.replace(temporary, final)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as source:
+        while chunk := source.read(_HASH_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_sha256(path: str | Path, expected: str) -> None:
+    """Raise DataError unless the file's sha256 equals `expected`."""
+    actual = sha256_file(path)
+    if actual != expected:
+        raise DataError(
+            f"{path}: sha256 is {actual}, expected {expected}; the file is corrupt or not the one pinned in params"
+        )
+
+
+def write_json(path: str | Path, payload: object) -> Path:
+    """Write JSON atomically (sorted keys, so diffs stay small)."""
+    with atomic_path(path) as temporary:
+        temporary.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    return Path(path)
+
+
+def read_json(path: str | Path) -> dict:
+    """Read a JSON object, with an error naming the file when it is missing or corrupt."""
+    try:
+        payload = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found (run the stage that writes it first)") from None
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path}: not valid JSON: {error}") from None
+    if not isinstance(payload, dict):
+        raise DataError(f"{path}: expected a JSON object, found {type(payload).__name__}")
+    return payload
+
+
+def write_table(path: str | Path, table: pd.DataFrame) -> Path:
+    """Write a DataFrame as CSV atomically, without the index."""
+    with atomic_path(path) as temporary:
+        table.to_csv(temporary, index=False)
+    return Path(path)
+
+
+def read_table(path: str | Path) -> pd.DataFrame:
+    """Read a CSV table written by `write_table`."""
+    try:
+        return pd.read_csv(path)
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found (run the stage that writes it first)") from None
+
+
+def write_arrays(path: str | Path, arrays: Mapping[str, np.ndarray]) -> Path:
+    """Write named arrays to one uncompressed .npz, atomically."""
+    with atomic_path(path, suffix=".npz") as temporary, open(temporary, "wb") as sink:
+        np.savez(sink, **arrays)
+    return Path(path)
+
+
+def read_arrays(path: str | Path, expected: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Read the named arrays of an .npz, failing clearly on a missing file, corruption or key."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            missing = sorted(set(expected) - set(archive.files))
+            if missing:
+                raise DataError(f"{path}: missing arrays {missing}; found {sorted(archive.files)}")
+            return {name: archive[name] for name in expected}
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found (run the stage that writes it first)") from None
+    except (OSError, ValueError) as error:
+        if isinstance(error, DataError):
+            raise
+        raise DataError(f"{path}: not a readable .npz array file: {error}") from None
+
+
+_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+
+
+def _renumber_shared_objects(node, numbering: dict[int, int]):
+    """Replace Keras' `shared_object_id`s (memory addresses) with 1, 2, ... in order of appearance."""
+    if isinstance(node, dict):
+        return {
+            key: numbering.setdefault(value, len(numbering) + 1)
+            if key == "shared_object_id"
+            else _renumber_shared_objects(value, numbering)
+            for key, value in node.items()
+        }
+    if isinstance(node, list):
+        return [_renumber_shared_objects(item, numbering) for item in node]
+    return node
+
+
+def _make_keras_archive_reproducible(path: Path) -> None:
+    """Drop the save time and memory addresses Keras writes into a .keras zip: equal weights, equal bytes.
+
+    DVC hashes checkpoints and the model: without this, a rerun with identical weights
+    would still change their hashes and rerun every stage below train.
+    """
+    with zipfile.ZipFile(path) as archive:
+        members = [(info, archive.read(info)) for info in archive.infolist()]
+    with zipfile.ZipFile(path, "w") as archive:
+        for info, payload in members:
+            if info.filename == "metadata.json":
+                metadata = json.loads(payload)
+                metadata.pop("date_saved", None)
+                payload = json.dumps(metadata).encode()
+            elif info.filename == "config.json":
+                payload = json.dumps(_renumber_shared_objects(json.loads(payload), {})).encode()
+            archive.writestr(zipfile.ZipInfo(info.filename, date_time=_ZIP_EPOCH), payload, info.compress_type)
+
+
+def save_model(path: str | Path, model) -> str:
+    """Save a Keras model atomically, byte-for-byte reproducibly, and return its sha256."""
+    with atomic_path(path, suffix=".keras") as temporary:
+        model.save(temporary)
+        _make_keras_archive_reproducible(temporary)
+        digest = sha256_file(temporary)
+    return digest
+
+
+def load_model(path: str | Path, sha256: str | None = None):
+    """Load a Keras model in safe mode, refusing it first if its sha256 is not `sha256`."""
+    import keras  # deferred: importing TensorFlow takes seconds and most callers need no model
+
+    if not Path(path).is_file():
+        raise DataError(f"{path}: model file not found (run the train stage first)")
+    if sha256 is not None:
+        verify_sha256(path, sha256)
+    return keras.saving.load_model(path, safe_mode=True)

@@ -1,0 +1,107 @@
+"""Typed, frozen params models: the only place params.yaml is read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DEFAULT_PARAMS_PATH = Path("params.yaml")
+
+PositiveInt = Annotated[int, Field(gt=0, strict=True)]
+PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
+class ParamsError(ValueError):
+    """params.yaml is missing, unreadable or does not match the params model."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PathsParams(_Section):
+    raw: Path
+    prepared: Path
+    split: Path
+    checkpoints: Path
+    training: Path
+    model: Path
+    metrics: Path
+    plots: Path
+
+
+class IngestParams(_Section):
+    kind: Literal["image_folder", "cifar10_binary"]
+    source: Path
+    sha256: Sha256 | None = None
+    url: Annotated[str, Field(pattern=r"^https?://")] | None = None
+    image_size: PositiveInt = 32
+    max_per_class: PositiveInt | None = None
+
+    @model_validator(mode="after")
+    def _check_download(self) -> IngestParams:
+        if self.url is not None and self.sha256 is None:
+            raise ValueError("ingest.url needs ingest.sha256: a download is verified before use")
+        if self.kind == "cifar10_binary" and self.image_size != 32:
+            raise ValueError("ingest.image_size must be 32 for the CIFAR-10 binary release")
+        return self
+
+
+class SplitParams(_Section):
+    validation_fraction: Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)]
+
+
+class TrainParams(_Section):
+    model: Literal["tutorial_cnn"]
+    optimizer: Literal["rmsprop", "adam", "sgd"]
+    learning_rate: PositiveFloat
+    batch_size: PositiveInt
+    epochs: PositiveInt
+
+
+class SelectBestParams(_Section):
+    monitor: Literal["val_loss", "val_accuracy"]
+    mode: Literal["min", "max"]
+
+
+class Params(_Section):
+    seed: Annotated[int, Field(ge=0, strict=True)]
+    paths: PathsParams
+    ingest: IngestParams
+    split: SplitParams
+    train: TrainParams
+    select_best: SelectBestParams
+
+
+def _describe(error: dict) -> str:
+    key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    if error["type"] == "extra_forbidden":
+        return f"{key}: unknown key (check the spelling against params.yaml's documented keys)"
+    if error["type"] == "missing":
+        return f"{key}: required key is missing"
+    return f"{key}: {error['msg']} (got {error.get('input')!r})"
+
+
+def parse_params(raw: object, source: str = "params") -> Params:
+    """Validate a parsed params mapping, raising ParamsError that names each bad key."""
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as error:
+        problems = "\n  ".join(_describe(item) for item in error.errors())
+        raise ParamsError(f"{source}: invalid params:\n  {problems}") from None
+
+
+def load_params(path: str | Path = DEFAULT_PARAMS_PATH) -> Params:
+    """Read and validate params.yaml."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: params file not found") from None
+    except yaml.YAMLError as error:
+        raise ParamsError(f"{path}: not valid YAML: {error}") from None
+    return parse_params(raw, source=str(path))

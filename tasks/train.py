@@ -1,0 +1,184 @@
+"""Train: fit the configured model, checkpointing every epoch so a killed run resumes."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from tasks.cli import run_stage
+from tasks.io import DataError, read_arrays, read_json, read_table, save_model, sha256_file, write_json, write_table
+from tasks.params import Params, TrainParams
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_PATTERN = re.compile(r"^epoch-(\d{3,})\.keras$")
+# No wall-clock column: the history is a DVC dependency and must be identical on a rerun.
+HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy")
+
+
+class TrainingDivergedError(DataError):
+    """The loss stopped being a finite number; nothing after the last good epoch is kept."""
+
+
+def checkpoint_name(epoch: int) -> str:
+    """File name of the checkpoint written after `epoch` (1-based)."""
+    return f"epoch-{epoch:03d}.keras"
+
+
+def run_fingerprint(train: TrainParams, *, seed: int, data_sha256: str, code_sha256: str) -> dict:
+    """What a checkpoint folder must match to be resumed: params, seed, data and code."""
+    return {"train": train.model_dump(), "seed": seed, "data_sha256": data_sha256, "code_sha256": code_sha256}
+
+
+def resumable_epoch(checkpoints: Path, fingerprint: dict) -> int:
+    """Last completed epoch in `checkpoints` for this fingerprint, or 0 (and a cleared folder) when none."""
+    state = checkpoints / "fingerprint.json"
+    history_path = checkpoints / "history.csv"
+    if state.exists() and history_path.exists() and read_json(state) == fingerprint:
+        history = read_table(history_path)
+        saved = {int(match[1]) for path in checkpoints.iterdir() if (match := CHECKPOINT_PATTERN.match(path.name))}
+        completed = [int(epoch) for epoch in history["epoch"] if int(epoch) in saved]
+        if completed:
+            return max(completed)
+    if checkpoints.exists():
+        for path in checkpoints.iterdir():
+            if path.is_file():
+                path.unlink()
+    return 0
+
+
+def compile_model(model, *, optimizer: str, learning_rate: float) -> None:
+    """Compile with the named optimizer, sparse cross-entropy and accuracy."""
+    import keras
+
+    optimizers = {"rmsprop": keras.optimizers.RMSprop, "adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD}
+    model.compile(
+        optimizer=optimizers[optimizer](learning_rate=learning_rate),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+
+
+def _epoch_checkpointer(checkpoints: Path, history: list[dict]):
+    """A Keras callback that saves each finite epoch atomically and refuses a NaN loss."""
+    import keras
+
+    class EpochCheckpoint(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            logs = logs or {}
+            row = {"epoch": epoch + 1, **{key: float(logs[key]) for key in HISTORY_COLUMNS[1:] if key in logs}}
+            if not all(math.isfinite(value) for value in row.values()):
+                self.model.stop_training = True
+                raise TrainingDivergedError(
+                    f"epoch {epoch + 1}: loss is not finite ({row}); lower train.learning_rate. "
+                    f"Checkpoints up to epoch {epoch} are kept in {checkpoints}"
+                )
+            save_model(checkpoints / checkpoint_name(epoch + 1), self.model)
+            history.append(row)
+            # The history is written after the checkpoint: a row always has its checkpoint.
+            write_table(checkpoints / "history.csv", pd.DataFrame(history, columns=HISTORY_COLUMNS))
+
+    return EpochCheckpoint()
+
+
+def fit(
+    arrays: dict[str, np.ndarray],
+    *,
+    train: TrainParams,
+    seed: int,
+    num_classes: int,
+    checkpoints: Path,
+    fingerprint: dict,
+) -> pd.DataFrame:
+    """Fit from scratch or from the last completed epoch; return the per-epoch history."""
+    import keras
+    import tensorflow as tf
+
+    from tasks.io import load_model
+    from tasks.model import build_model
+
+    keras.utils.set_random_seed(seed)
+    tf.config.experimental.enable_op_determinism()
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    start_epoch = resumable_epoch(checkpoints, fingerprint)
+    if start_epoch:
+        log.info(
+            "resuming from %s (epoch %d of %d)", checkpoints / checkpoint_name(start_epoch), start_epoch, train.epochs
+        )
+        model = load_model(checkpoints / checkpoint_name(start_epoch))
+        history = read_table(checkpoints / "history.csv").query("epoch <= @start_epoch").to_dict("records")
+        # A resumed run draws fresh shuffles: reseed from the epoch so the rerun is itself repeatable.
+        keras.utils.set_random_seed(seed + start_epoch)
+    else:
+        write_json(checkpoints / "fingerprint.json", fingerprint)
+        model = build_model(train.model, arrays["x_train"].shape[1:], num_classes)
+        compile_model(model, optimizer=train.optimizer, learning_rate=train.learning_rate)
+        history = []
+    if start_epoch < train.epochs:
+        model.fit(
+            arrays["x_train"],
+            arrays["y_train"],
+            batch_size=train.batch_size,
+            epochs=train.epochs,
+            initial_epoch=start_epoch,
+            validation_data=(arrays["x_val"], arrays["y_val"]),
+            shuffle=True,
+            callbacks=[_epoch_checkpointer(checkpoints, history)],
+            verbose=2,
+        )
+    return pd.DataFrame(history, columns=HISTORY_COLUMNS).query("epoch <= @train.epochs")
+
+
+def code_fingerprint() -> str:
+    """sha256 over the source of the modules that define training."""
+    from tasks import model
+
+    digest = hashlib.sha256()
+    for module_file in sorted({Path(__file__), Path(model.__file__)}):
+        digest.update(module_file.read_bytes())
+    return digest.hexdigest()
+
+
+def run(params: Params) -> list[Path]:
+    """Train on data/split and write checkpoints plus the per-epoch history."""
+    source = params.paths.split / "train_val.npz"
+    arrays = read_arrays(source, ("x_train", "y_train", "x_val", "y_val"))
+    report = read_json(params.paths.prepared / "report.json")
+    num_classes = int(report["num_classes"])
+    if arrays["y_train"].size == 0 or arrays["y_val"].size == 0:
+        raise DataError(f"{source}: train and validation sets must both hold images")
+    fingerprint = run_fingerprint(
+        params.train, seed=params.seed, data_sha256=sha256_file(source), code_sha256=code_fingerprint()
+    )
+    log.info(
+        "training %s on %d images (%d validation) for %d epochs, batch size %d",
+        params.train.model,
+        arrays["y_train"].size,
+        arrays["y_val"].size,
+        params.train.epochs,
+        params.train.batch_size,
+    )
+    history = fit(
+        arrays,
+        train=params.train,
+        seed=params.seed,
+        num_classes=num_classes,
+        checkpoints=params.paths.checkpoints,
+        fingerprint=fingerprint,
+    )
+    return [params.paths.checkpoints, write_table(params.paths.training / "history.csv", history)]
+
+
+def main() -> None:
+    """Entry point for `python -m tasks.train`."""
+    run_stage(run, __doc__)
+
+
+if __name__ == "__main__":
+    main()

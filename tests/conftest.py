@@ -1,0 +1,202 @@
+"""Shared fixtures: a tiny learnable image-folder dataset and per-test params and projects."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+CLASS_NAMES = ("circle", "cross", "square", "stripes")
+TRAIN_PER_CLASS, TEST_PER_CLASS = 12, 4
+PROJECT_FILES = ("tasks", "flows", "dvc.yaml", "params.yaml", "pyproject.toml")
+
+
+def class_template(label: int, size: int = 32) -> np.ndarray:
+    """A distinct, easy pattern per class so a tiny model can learn it in a few epochs."""
+    grid_y, grid_x = np.mgrid[0:size, 0:size]
+    centre = (size - 1) / 2
+    shapes = (
+        (grid_x - centre) ** 2 + (grid_y - centre) ** 2 < (size / 3) ** 2,
+        (np.abs(grid_x - centre) < 3) | (np.abs(grid_y - centre) < 3),
+        (np.abs(grid_x - centre) < size / 4) & (np.abs(grid_y - centre) < size / 4),
+        (grid_x // 4) % 2 == 0,
+    )
+    image = np.zeros((size, size, 3), dtype=np.uint8)
+    image[shapes[label]] = (200, 60 + 40 * label, 255 - 50 * label)
+    return image
+
+
+def make_images(count: int, label: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """`count` noisy copies of the class template."""
+    noise = rng.integers(0, 40, size=(count, 32, 32, 3))
+    return [np.clip(class_template(label).astype(int) + item, 0, 255).astype(np.uint8) for item in noise]
+
+
+def write_image_folder(root: Path, *, image_format: str = "PNG", seed: int = 0) -> Path:
+    """Write train/<class>/NNN.png and test/<class>/NNN.png, as the real loader reads them."""
+    rng = np.random.default_rng(seed)
+    suffix = ".png" if image_format == "PNG" else ".jpg"
+    for split, count in (("train", TRAIN_PER_CLASS), ("test", TEST_PER_CLASS)):
+        for label, name in enumerate(CLASS_NAMES):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for index, pixels in enumerate(make_images(count, label, rng)):
+                Image.fromarray(pixels).save(folder / f"{index:04d}{suffix}", format=image_format)
+    return root
+
+
+def make_read_only(root: Path) -> None:
+    """Make a tree read-only so any code that writes into its inputs fails."""
+    for path in sorted(root.rglob("*"), reverse=True):
+        path.chmod(0o555 if path.is_dir() else 0o444)
+    root.chmod(0o555)
+
+
+def cifar10_batch(labels: np.ndarray, rng: np.random.Generator) -> tuple[bytes, np.ndarray]:
+    """Records in the official layout: a label byte then the red, green and blue planes."""
+    planes = rng.integers(0, 256, size=(labels.size, 3, 32, 32), dtype=np.uint8)
+    records = np.concatenate([labels[:, None].astype(np.uint8), planes.reshape(labels.size, -1)], axis=1)
+    return records.tobytes(), planes.transpose(0, 2, 3, 1)
+
+
+def build_cifar10_archive(
+    path: Path,
+    records_per_batch: int = 20,
+    seed: int = 0,
+    *,
+    corrupt_member: str | None = None,
+    bad_label: int | None = None,
+) -> dict:
+    """A small .tar.gz in the official binary layout; returns the expected arrays."""
+    rng = np.random.default_rng(seed)
+    expected: dict[str, list] = {"x_train": [], "y_train": []}
+    members: dict[str, bytes] = {"batches.meta.txt": "\n".join(f"class{i}" for i in range(10)).encode() + b"\n\n"}
+    for name in [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]:
+        labels = np.arange(records_per_batch) % 10
+        if bad_label is not None and name == "data_batch_1.bin":
+            labels[0] = bad_label
+        payload, images = cifar10_batch(labels, rng)
+        if name == corrupt_member:
+            payload = payload[:-7]
+        members[name] = payload
+        split = "test" if name == "test_batch.bin" else "train"
+        if split == "train":
+            expected["x_train"].append(images)
+            expected["y_train"].append(labels)
+        else:
+            expected["x_test"], expected["y_test"] = images, labels
+    with tarfile.open(path, "w:gz") as archive:
+        for name, payload in members.items():
+            info = tarfile.TarInfo(f"cifar-10-batches-bin/{name}")
+            info.size = len(payload)
+            archive.addfile(info, io.BytesIO(payload))
+    expected["x_train"] = np.concatenate(expected["x_train"])
+    expected["y_train"] = np.concatenate(expected["y_train"])
+    return expected
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory) -> Path:
+    """A read-only image-folder dataset: 4 classes, 12 train and 4 test images each (64 in all)."""
+    root = write_image_folder(tmp_path_factory.mktemp("dataset") / "images")
+    make_read_only(root)
+    return root
+
+
+def small_params(raw: dict, root: Path, source: Path) -> dict:
+    """The project's params with every path under `root` and a tiny training profile."""
+    raw = yaml.safe_load(yaml.safe_dump(raw))
+    raw["paths"] = {key: str(root / value) for key, value in raw["paths"].items()}
+    raw["ingest"].update(source=str(source), sha256=None, url=None, max_per_class=None)
+    raw["split"]["validation_fraction"] = 0.25
+    raw["train"].update(epochs=2, batch_size=8)
+    return raw
+
+
+@pytest.fixture
+def params_path(tmp_path, image_folder) -> Path:
+    """A per-test copy of params.yaml pointed into tmp_path and at the synthetic dataset."""
+    raw = small_params(yaml.safe_load((ROOT / "params.yaml").read_text()), tmp_path / "work", image_folder)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def project_environment(home: Path) -> dict[str, str]:
+    """Environment for subprocesses: this interpreter first on PATH, Prefect and DVC kept offline and local."""
+    environment = dict(os.environ)
+    environment["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), environment.get("PATH", "")])
+    environment.update(
+        PREFECT_HOME=str(home / "prefect"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        DVC_NO_ANALYTICS="1",
+        TF_CPP_MIN_LOG_LEVEL="2",
+        PYTHONUNBUFFERED="1",
+    )
+    return environment
+
+
+def run_command(
+    command: list[str], cwd: Path, *, check: bool = True, timeout: float = 600
+) -> subprocess.CompletedProcess:
+    """Run a command in a project, failing the test with its output when `check` and it fails."""
+    result = subprocess.run(
+        command, cwd=cwd, env=project_environment(cwd.parent), capture_output=True, text=True, timeout=timeout
+    )
+    if check and result.returncode != 0:
+        pytest.fail(
+            f"{' '.join(command)} exited {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+        )
+    return result
+
+
+def create_project(destination: Path, source: Path) -> Path:
+    """A fresh git + DVC project holding this repo's pipeline code and small params reading `source`."""
+    destination.mkdir(parents=True)
+    for name in PROJECT_FILES:
+        origin = ROOT / name
+        if origin.is_dir():
+            shutil.copytree(origin, destination / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(origin, destination / name)
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw = small_params(raw, Path("."), Path("source"))
+    raw["paths"] = {key: str(Path(value)) for key, value in raw["paths"].items()}
+    (destination / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    shutil.copytree(source, destination / "source")
+    for command in (
+        ["git", "init", "-q"],
+        [sys.executable, "-m", "dvc", "init", "-q"],
+        [sys.executable, "-m", "dvc", "config", "core.analytics", "false"],
+        ["git", "add", "-A"],
+        ["git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qm", "baseline"],
+    ):
+        run_command(command, destination)
+    return destination
+
+
+@pytest.fixture(scope="session")
+def pristine(tmp_path_factory, image_folder) -> Path:
+    """A committed project that has never run."""
+    return create_project(tmp_path_factory.mktemp("pristine") / "project", image_folder)
+
+
+@pytest.fixture(scope="session")
+def reproduced(tmp_path_factory, pristine) -> tuple[Path, str]:
+    """The pristine project after one full `dvc repro`, with its output."""
+    project = tmp_path_factory.mktemp("reproduced") / "project"
+    shutil.copytree(pristine, project, symlinks=True)
+    result = run_command([sys.executable, "-m", "dvc", "repro"], project)
+    run_command(["git", "add", "-A"], project)
+    run_command(["git", "-c", "user.name=t", "-c", "user.email=t@e", "commit", "-qm", "first run"], project)
+    return project, result.stdout

@@ -1,0 +1,76 @@
+"""Atomic writers: a failure never leaves a partial file under the final name."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tasks.io import DataError, atomic_path, read_arrays, read_json, verify_sha256, write_arrays, write_json
+
+
+def test_failed_write_keeps_the_previous_file(tmp_path):
+    target = tmp_path / "metrics.json"
+    write_json(target, {"accuracy": 0.5})
+    before = target.read_bytes()
+    with pytest.raises(RuntimeError), atomic_path(target) as temporary:
+        temporary.write_text('{"accuracy": 0.')
+        raise RuntimeError("killed mid-write")
+    assert target.read_bytes() == before
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["metrics.json"]
+
+
+def test_disk_full_keeps_the_previous_file(tmp_path, monkeypatch):
+    target = tmp_path / "dataset.npz"
+    write_arrays(target, {"x": np.arange(4)})
+    before = target.read_bytes()
+
+    def no_space(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", no_space)
+    with pytest.raises(OSError, match="No space left"):
+        write_arrays(target, {"x": np.arange(8)})
+    assert target.read_bytes() == before
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["dataset.npz"]
+
+
+def test_arrays_round_trip_and_missing_names_are_reported(tmp_path):
+    path = write_arrays(tmp_path / "a.npz", {"x_train": np.ones((2, 3), np.uint8)})
+    assert read_arrays(path, ("x_train",))["x_train"].sum() == 6
+    with pytest.raises(DataError, match=r"missing arrays \['y_train'\]"):
+        read_arrays(path, ("x_train", "y_train"))
+
+
+def test_corrupt_inputs_are_named(tmp_path):
+    (tmp_path / "bad.npz").write_bytes(b"not a zip at all")
+    with pytest.raises(DataError, match="bad.npz: not a readable .npz"):
+        read_arrays(tmp_path / "bad.npz", ("x",))
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(DataError, match="bad.json: not valid JSON"):
+        read_json(tmp_path / "bad.json")
+    with pytest.raises(DataError, match="absent.json: file not found"):
+        read_json(tmp_path / "absent.json")
+
+
+def test_checksum_mismatch_names_both_hashes(tmp_path):
+    path = tmp_path / "blob"
+    path.write_bytes(b"abc")
+    with pytest.raises(DataError, match="expected 0{64}"):
+        verify_sha256(path, "0" * 64)
+
+
+def test_saved_models_are_byte_identical_and_load_in_safe_mode(tmp_path):
+    import keras
+
+    from tasks.io import load_model, save_model
+    from tasks.model import build_model
+
+    keras.utils.set_random_seed(0)
+    model = build_model("tutorial_cnn", (32, 32, 3), 10)
+    first = save_model(tmp_path / "a.keras", model)
+    # A second build allocates new objects (new memory addresses) with the same names and weights.
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(0)
+    second = save_model(tmp_path / "b.keras", build_model("tutorial_cnn", (32, 32, 3), 10))
+    assert first == second
+    assert load_model(tmp_path / "a.keras", sha256=first).count_params() == model.count_params()

@@ -1,0 +1,76 @@
+"""Params: one model, strict keys, clear errors naming the key."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import yaml
+
+from tasks.params import ParamsError, load_params, parse_params
+from tests.conftest import ROOT
+
+
+@pytest.fixture
+def raw_params() -> dict:
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def test_project_params_load():
+    params = load_params(ROOT / "params.yaml")
+    assert params.train.model == "tutorial_cnn"
+    assert params.train.optimizer == "rmsprop" and params.train.batch_size == 32
+    assert params.select_best.monitor == "val_loss" and params.select_best.mode == "min"
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "expected"),
+    [
+        ("train", "epochs", 0, "train.epochs"),
+        ("train", "epochs", -3, "train.epochs"),
+        ("train", "epochs", "ten", "train.epochs"),
+        ("train", "batch_size", 0, "train.batch_size"),
+        ("train", "learning_rate", 0.0, "train.learning_rate"),
+        ("train", "learning_rate", -0.1, "train.learning_rate"),
+        ("train", "learning_rate", math.nan, "train.learning_rate"),
+        ("train", "optimizer", "adamw2", "train.optimizer"),
+        ("split", "validation_fraction", 0.0, "split.validation_fraction"),
+        ("split", "validation_fraction", 1.0, "split.validation_fraction"),
+        ("select_best", "mode", "biggest", "select_best.mode"),
+        ("ingest", "kind", "tfrecord", "ingest.kind"),
+    ],
+)
+def test_bad_values_name_the_key(raw_params, section, key, value, expected):
+    raw_params[section][key] = value
+    with pytest.raises(ParamsError, match=expected.replace(".", r"\.")):
+        parse_params(raw_params, source="params.yaml")
+
+
+def test_misspelled_key_is_rejected(raw_params):
+    raw_params["train"]["epoch"] = raw_params["train"].pop("epochs")
+    with pytest.raises(ParamsError) as caught:
+        parse_params(raw_params, source="params.yaml")
+    message = str(caught.value)
+    assert "train.epoch: unknown key" in message
+    assert "train.epochs: required key is missing" in message
+
+
+def test_url_without_checksum_is_rejected(raw_params):
+    raw_params["ingest"].update(url="https://example.org/data.tar.gz", sha256=None)
+    with pytest.raises(ParamsError, match="ingest.sha256"):
+        parse_params(raw_params)
+
+
+def test_missing_and_unparsable_files_are_named(tmp_path):
+    with pytest.raises(ParamsError, match="nowhere.yaml: params file not found"):
+        load_params(tmp_path / "nowhere.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train: [unclosed\n")
+    with pytest.raises(ParamsError, match="broken.yaml: not valid YAML"):
+        load_params(broken)
+
+
+def test_params_are_frozen():
+    params = load_params(ROOT / "params.yaml")
+    with pytest.raises(Exception, match="frozen"):
+        params.train.epochs = 5

@@ -1,0 +1,94 @@
+"""Each stage's run(params) on the synthetic dataset, in order, in one process."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from tasks import evaluate, ingest, preprocess, select_best, split, train
+from tasks.io import DataError, read_arrays, sha256_file
+from tasks.params import load_params
+from tests.conftest import CLASS_NAMES, ROOT, TEST_PER_CLASS, TRAIN_PER_CLASS, small_params
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory, image_folder):
+    """Run all six stages once; tests read what they wrote."""
+    root = tmp_path_factory.mktemp("stages")
+    raw = small_params(yaml.safe_load((ROOT / "params.yaml").read_text()), root / "work", image_folder)
+    raw["train"]["epochs"] = 3
+    path = root / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    params = load_params(path)
+    written = {
+        module.__name__.split(".")[-1]: module.run(params)
+        for module in (ingest, preprocess, split, train, select_best, evaluate)
+    }
+    return params, written
+
+
+def test_ingest_writes_arrays_and_manifest(pipeline_run):
+    params, _ = pipeline_run
+    manifest = json.loads((params.paths.raw / "manifest.json").read_text())
+    assert manifest["class_names"] == list(CLASS_NAMES)
+    assert manifest["counts"]["train"] == dict.fromkeys(CLASS_NAMES, TRAIN_PER_CLASS)
+    arrays = read_arrays(params.paths.raw / "dataset.npz", ("x_train", "y_test"))
+    assert arrays["x_train"].dtype == np.uint8 and arrays["y_test"].size == TEST_PER_CLASS * 4
+
+
+def test_preprocess_reports_and_split_holds_out_a_quarter(pipeline_run):
+    params, _ = pipeline_run
+    report = json.loads((params.paths.prepared / "report.json").read_text())
+    assert report["counts"] == {"train": 48, "test": 16} and report["duplicates"]["test_in_train"] == 0
+    arrays = read_arrays(params.paths.split / "train_val.npz", ("y_train", "y_val"))
+    assert np.bincount(arrays["y_val"]).tolist() == [3] * 4
+
+
+def test_train_checkpoints_every_epoch_with_history(pipeline_run):
+    params, _ = pipeline_run
+    history = pd.read_csv(params.paths.training / "history.csv")
+    assert history["epoch"].tolist() == [1, 2, 3]
+    assert list(history.columns) == ["epoch", "loss", "accuracy", "val_loss", "val_accuracy"]
+    assert sorted(path.name for path in params.paths.checkpoints.glob("*.keras")) == [
+        "epoch-001.keras",
+        "epoch-002.keras",
+        "epoch-003.keras",
+    ]
+
+
+def test_select_best_copies_the_best_checkpoint(pipeline_run):
+    params, _ = pipeline_run
+    best = json.loads((params.paths.model / "best.json").read_text())
+    history = pd.read_csv(params.paths.training / "history.csv")
+    assert best["epoch"] == int(history.loc[history["val_loss"].idxmin(), "epoch"])
+    assert best["sha256"] == sha256_file(params.paths.checkpoints / f"epoch-{best['epoch']:03d}.keras")
+    assert best["sha256"] == sha256_file(params.paths.model / "model.keras")
+
+
+def test_evaluate_writes_metrics_tables_and_plots(pipeline_run):
+    params, _ = pipeline_run
+    metrics = json.loads((params.paths.metrics / "metrics.json").read_text())
+    assert set(metrics["per_class"]) == set(CLASS_NAMES)
+    assert 0.0 <= metrics["test"]["accuracy"] <= 1.0 and metrics["test"]["loss"] > 0
+    # Four distinct patterns: even three epochs on 36 images beat chance (0.25) clearly.
+    assert metrics["test"]["accuracy"] >= 0.5
+    predictions = pd.read_csv(params.paths.metrics / "predictions.csv")
+    assert len(predictions) == 16 and set(predictions["actual"]) == set(CLASS_NAMES)
+    for name in ("training_curves.png", "confusion_matrix.png", "sample_predictions.png"):
+        assert (params.paths.plots / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_evaluate_refuses_a_tampered_model(pipeline_run, tmp_path):
+    params, _ = pipeline_run
+    model = params.paths.model / "model.keras"
+    original = model.read_bytes()
+    try:
+        model.write_bytes(original[:-10] + b"0123456789")
+        with pytest.raises(DataError, match="model.keras: sha256 is"):
+            evaluate.run(params)
+    finally:
+        model.write_bytes(original)
