@@ -142,9 +142,17 @@ def assemble_image_folder(
     return RawDataset(**arrays, class_names=tuple(train_classes))
 
 
+def _check_class_folders(root: Path) -> None:
+    for split in SPLITS:
+        for folder in sorted(path for path in (root / split).glob("*") if path.is_dir()):
+            if not any(image.suffix.lower() in IMAGE_SUFFIXES for image in folder.iterdir()):
+                raise DataError(f"{folder}: class folder holds no PNG or JPEG images")
+
+
 def read_image_folder(source: Path, *, image_size: int, max_per_class: int | None) -> RawDataset:
     """Read an image-folder dataset from a directory or a .zip of one."""
     if source.is_dir():
+        _check_class_folders(source)
         return assemble_image_folder(
             _directory_members(source), image_size=image_size, max_per_class=max_per_class, origin=str(source)
         )
@@ -179,7 +187,12 @@ def read_cifar10_binary(source: Path, *, max_per_class: int | None) -> RawDatase
     try:
         with tarfile.open(source, mode="r:gz") as archive:
             for member in archive:
-                name = PurePosixPath(member.name).name
+                path = PurePosixPath(member.name)
+                if path.is_absolute() or ".." in path.parts:
+                    raise DataError(
+                        f"{source}: member {member.name!r} has an absolute or '..' path; refusing the archive"
+                    )
+                name = path.name
                 if name not in wanted:
                     continue
                 if not member.isfile():

@@ -105,3 +105,14 @@ def load_params(path: str | Path = DEFAULT_PARAMS_PATH) -> Params:
     except yaml.YAMLError as error:
         raise ParamsError(f"{path}: not valid YAML: {error}") from None
     return parse_params(raw, source=str(path))
+
+
+def flatten_params(mapping: dict, prefix: str = "") -> dict[str, object]:
+    """Nested params as dotted keys: {'train': {'epochs': 3}} -> {'train.epochs': 3}."""
+    flat: dict[str, object] = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict):
+            flat.update(flatten_params(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

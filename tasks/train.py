@@ -36,21 +36,29 @@ def run_fingerprint(train: TrainParams, *, seed: int, data_sha256: str, code_sha
     return {"train": train.model_dump(), "seed": seed, "data_sha256": data_sha256, "code_sha256": code_sha256}
 
 
-def resumable_epoch(checkpoints: Path, fingerprint: dict) -> int:
-    """Last completed epoch in `checkpoints` for this fingerprint, or 0 (and a cleared folder) when none."""
+def resumable_epoch(checkpoints: Path, fingerprint: dict) -> tuple[int, str | None]:
+    """Last completed epoch in `checkpoints` for this fingerprint and its checkpoint's sha256, or (0, None).
+
+    Anything that cannot be resumed (another fingerprint, no completed epoch) is cleared, and
+    so are temporary files a killed write left behind.
+    """
+    if checkpoints.exists():
+        for leftover in checkpoints.glob(".*.tmp*"):
+            leftover.unlink()
     state = checkpoints / "fingerprint.json"
     history_path = checkpoints / "history.csv"
     if state.exists() and history_path.exists() and read_json(state) == fingerprint:
         history = read_table(history_path)
         saved = {int(match[1]) for path in checkpoints.iterdir() if (match := CHECKPOINT_PATTERN.match(path.name))}
-        completed = [int(epoch) for epoch in history["epoch"] if int(epoch) in saved]
-        if completed:
-            return max(completed)
+        completed = history[history["epoch"].isin(saved)]
+        if not completed.empty:
+            last = completed.iloc[-1]
+            return int(last["epoch"]), str(last["sha256"])
     if checkpoints.exists():
         for path in checkpoints.iterdir():
             if path.is_file():
                 path.unlink()
-    return 0
+    return 0, None
 
 
 def compile_model(model, *, optimizer: str, learning_rate: float) -> None:
@@ -79,10 +87,11 @@ def _epoch_checkpointer(checkpoints: Path, history: list[dict]):
                     f"epoch {epoch + 1}: loss is not finite ({row}); lower train.learning_rate. "
                     f"Checkpoints up to epoch {epoch} are kept in {checkpoints}"
                 )
-            save_model(checkpoints / checkpoint_name(epoch + 1), self.model)
+            # The checkpoint's hash goes in the resume state so a tampered file is refused on resume.
+            row["sha256"] = save_model(checkpoints / checkpoint_name(epoch + 1), self.model)
             history.append(row)
             # The history is written after the checkpoint: a row always has its checkpoint.
-            write_table(checkpoints / "history.csv", pd.DataFrame(history, columns=HISTORY_COLUMNS))
+            write_table(checkpoints / "history.csv", pd.DataFrame(history, columns=[*HISTORY_COLUMNS, "sha256"]))
 
     return EpochCheckpoint()
 
@@ -106,12 +115,12 @@ def fit(
     keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()
     checkpoints.mkdir(parents=True, exist_ok=True)
-    start_epoch = resumable_epoch(checkpoints, fingerprint)
+    start_epoch, checkpoint_sha256 = resumable_epoch(checkpoints, fingerprint)
     if start_epoch:
         log.info(
             "resuming from %s (epoch %d of %d)", checkpoints / checkpoint_name(start_epoch), start_epoch, train.epochs
         )
-        model = load_model(checkpoints / checkpoint_name(start_epoch))
+        model = load_model(checkpoints / checkpoint_name(start_epoch), sha256=checkpoint_sha256)
         history = read_table(checkpoints / "history.csv").query("epoch <= @start_epoch").to_dict("records")
         # A resumed run draws fresh shuffles: reseed from the epoch so the rerun is itself repeatable.
         keras.utils.set_random_seed(seed + start_epoch)

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tarfile
+import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +23,9 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 CLASS_NAMES = ("circle", "cross", "square", "stripes")
 TRAIN_PER_CLASS, TEST_PER_CLASS = 12, 4
-PROJECT_FILES = ("tasks", "flows", "dvc.yaml", "params.yaml", "pyproject.toml")
+DVC = [sys.executable, "-m", "dvc"]
+FLOW = [sys.executable, "-m", "flows.pipeline"]
+PROJECT_FILES = ("tasks", "flows", "review", "dvc.yaml", "params.yaml", "pyproject.toml")
 
 
 def class_template(label: int, size: int = 32) -> np.ndarray:
@@ -147,11 +154,16 @@ def project_environment(home: Path) -> dict[str, str]:
 
 
 def run_command(
-    command: list[str], cwd: Path, *, check: bool = True, timeout: float = 600
+    command: list[str], cwd: Path, *, check: bool = True, timeout: float = 600, environment: dict | None = None
 ) -> subprocess.CompletedProcess:
     """Run a command in a project, failing the test with its output when `check` and it fails."""
     result = subprocess.run(
-        command, cwd=cwd, env=project_environment(cwd.parent), capture_output=True, text=True, timeout=timeout
+        command,
+        cwd=cwd,
+        env=environment or project_environment(cwd.parent),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     if check and result.returncode != 0:
         pytest.fail(
@@ -200,3 +212,96 @@ def reproduced(tmp_path_factory, pristine) -> tuple[Path, str]:
     run_command(["git", "add", "-A"], project)
     run_command(["git", "-c", "user.name=t", "-c", "user.email=t@e", "commit", "-qm", "first run"], project)
     return project, result.stdout
+
+
+@pytest.fixture
+def project(tmp_path, reproduced) -> Path:
+    """A private copy of the reproduced project for a test to change."""
+    copy = tmp_path / "project"
+    shutil.copytree(reproduced[0], copy, symlinks=True)
+    return copy
+
+
+def edit_params(project: Path, section: str, **changes) -> None:
+    """Change keys of one params.yaml section in a project."""
+    path = project / "params.yaml"
+    raw = yaml.safe_load(path.read_text())
+    raw[section].update(changes)
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+def ran_stages(output: str) -> list[str]:
+    """Stage names in the order `dvc repro` ran them."""
+    return re.findall(r"Running stage '([a-z_]+)'", output)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def stop_process(process: subprocess.Popen, timeout_s: float = 30) -> None:
+    """SIGTERM the process group, SIGKILL it if it lingers; assert it is gone."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+    with pytest.raises(ProcessLookupError):
+        os.killpg(process.pid, 0)
+
+
+def wait_until(predicate, timeout_s: float, what: str, interval_s: float = 0.5):
+    """Poll `predicate` until it returns something truthy (returned), or fail the test."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        result = predicate()
+        if result:
+            return result
+        time.sleep(interval_s)
+    pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def prefect_healthy(api_url: str) -> bool:
+    """Whether a Prefect API answers its health check."""
+    try:
+        with urllib.request.urlopen(f"{api_url}/health", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory):
+    """One real Prefect server (SQLite, 127.0.0.1) that the session's flow runs report to.
+
+    Without it every flow run starts Prefect's temporary server (~15 s on 2 cores). The
+    server is stopped, and checked gone, at the end of the session.
+    """
+    home = tmp_path_factory.mktemp("prefect-server")
+    port = str(free_port())
+    api_url = f"http://127.0.0.1:{port}/api"
+    environment = project_environment(home) | {
+        "PREFECT_SERVER_UI_ENABLED": "false",
+        # Let a queued deployment run take its slot seconds after the running one ends (default 30 s).
+        "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "3",
+    }
+    server = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", port],
+        cwd=home,
+        env=environment,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        wait_until(lambda: prefect_healthy(api_url), 120, "the Prefect server to answer /api/health")
+        os.environ["PREFECT_API_URL"] = api_url  # inherited by every subprocess the tests start
+        yield api_url
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
+        stop_process(server)

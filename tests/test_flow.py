@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import shutil
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
 from flows.pipeline import PIPELINE, STAGES, describe_changes
-from tests.conftest import ROOT, run_command
-from tests.test_pipeline import DVC, edit_params
+from tests.conftest import DVC, FLOW, ROOT, edit_params, project_environment, run_command
 
-FLOW = [sys.executable, "-m", "flows.pipeline"]
+# Flow runs report to one real Prefect server for the session instead of starting their own.
+pytestmark = pytest.mark.usefixtures("prefect_api")
 
 
 def test_flow_and_dvc_yaml_agree_on_stages_and_order():
@@ -28,9 +26,28 @@ def test_flow_and_dvc_yaml_agree_on_stages_and_order():
     assert order == list(STAGES)  # the flow's order is DVC's own execution order (data pointers aside)
 
 
+def test_dvc_yaml_lists_the_params_sections_each_stage_reads():
+    from tasks.params import Params
+
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    declared = {name: set(stage.get("params", [])) for name, stage in stages.items()}
+    assert declared == {
+        "ingest": {"ingest"},
+        "preprocess": set(),
+        "split": {"seed", "split"},
+        "train": {"seed", "train"},
+        "select_best": {"select_best"},
+        "evaluate": set(),
+    }
+    assert set().union(*declared.values()) <= set(Params.model_fields)
+
+
 def test_describe_changes_names_what_changed():
-    status = [{"changed deps": {"params.yaml": {"train.epochs": "modified"}}}, "changed command"]
-    assert describe_changes(status) == "changed deps: params.yaml ({'train.epochs': 'modified'}); changed command"
+    status = [{"changed deps": {"params.yaml": {"train": "modified"}, "tasks/train.py": "modified"}}, "changed command"]
+    assert describe_changes(status, ["train.epochs: 2 → 3"]) == (
+        "changed deps: train.epochs: 2 → 3, tasks/train.py modified; changed command"
+    )
+    assert describe_changes(status, []).startswith("changed deps: params.yaml: train modified")
 
 
 def flow_stages(output: str) -> dict[str, str]:
@@ -44,15 +61,10 @@ def flow_stages(output: str) -> dict[str, str]:
     return outcome
 
 
-@pytest.fixture
-def project(tmp_path, reproduced) -> Path:
-    copy = tmp_path / "project"
-    shutil.copytree(reproduced[0], copy, symlinks=True)
-    return copy
-
-
-def test_flow_after_repro_runs_nothing(project):
-    result = run_command(FLOW, project)
+def test_flow_after_repro_runs_nothing_with_no_server_to_start(project):
+    environment = project_environment(project.parent)
+    environment.pop("PREFECT_API_URL", None)  # Prefect's temporary local server, as `make run` uses
+    result = run_command(FLOW, project, environment=environment)
     assert flow_stages(result.stderr + result.stdout) == dict.fromkeys(STAGES, "up to date")
     assert "up to date: no stage ran" in result.stderr + result.stdout
     assert "up to date" in run_command([*DVC, "status"], project).stdout

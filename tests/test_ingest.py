@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import io
 import tarfile
 import threading
 import zipfile
@@ -213,3 +214,61 @@ def test_binary_label_out_of_range_names_the_member(tmp_path):
     build_cifar10_archive(tmp_path / "cifar.tar.gz", bad_label=10)
     with pytest.raises(DataError, match=r"cifar.tar.gz:data_batch_1.bin: labels \[10\] are out of range 0..9"):
         read_cifar10_binary(tmp_path / "cifar.tar.gz", max_per_class=None)
+
+
+def test_empty_class_folder_is_named(tmp_path):
+    folder = write_image_folder(tmp_path / "images")
+    for path in (folder / "train/square").iterdir():
+        path.unlink()
+    with pytest.raises(DataError, match=r"train/square: class folder holds no PNG or JPEG images"):
+        read_image_folder(folder, image_size=32, max_per_class=None)
+
+
+def test_zip_symlink_and_duplicate_members_are_refused(image_folder, tmp_path):
+    link = zipfile.ZipInfo("train/cross/link.png")
+    link.external_attr = 0o120777 << 16  # a symbolic link, as zip -y stores one
+    archive_path = zip_folder(image_folder, tmp_path / "links.zip")
+    with zipfile.ZipFile(archive_path, "a") as archive:
+        archive.writestr(link, "/etc/passwd")
+    with pytest.raises(DataError, match="is a symbolic link"):
+        read_image_folder(archive_path, image_size=32, max_per_class=None)
+    duplicate_path = zip_folder(image_folder, tmp_path / "dupes.zip")
+    with zipfile.ZipFile(duplicate_path, "a") as archive, pytest.warns(UserWarning, match="Duplicate name"):
+        archive.writestr("train/cross/0000.png", b"again")
+    with pytest.raises(DataError, match="appears twice"):
+        read_image_folder(duplicate_path, image_size=32, max_per_class=None)
+
+
+def _tar_with(path: Path, *members: tarfile.TarInfo) -> Path:
+    with tarfile.open(path, "w:gz") as archive:
+        for member in members:
+            archive.addfile(member, io.BytesIO(b"x" * member.size) if member.isfile() else None)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("name", "kind", "problem"),
+    [
+        ("../../cifar-10-batches-bin/test_batch.bin", tarfile.REGTYPE, "'..' path"),
+        ("/tmp/cifar-10-batches-bin/test_batch.bin", tarfile.REGTYPE, "absolute"),
+        ("cifar-10-batches-bin/test_batch.bin", tarfile.LNKTYPE, "not a regular file"),
+    ],
+)
+def test_binary_archive_escaping_or_linked_members_are_refused(tmp_path, name, kind, problem):
+    member = tarfile.TarInfo(name)
+    member.type = kind
+    member.size = CIFAR10_RECORD_BYTES if kind == tarfile.REGTYPE else 0
+    member.linkname = "" if kind == tarfile.REGTYPE else "cifar-10-batches-bin/data_batch_1.bin"
+    with pytest.raises(DataError, match=problem):
+        read_cifar10_binary(_tar_with(tmp_path / "cifar.tar.gz", member), max_per_class=None)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["cifar.tar.gz"]  # nothing extracted
+
+
+def test_binary_archive_duplicate_member_is_refused(tmp_path):
+    members = []
+    for _ in range(2):
+        member = tarfile.TarInfo("cifar-10-batches-bin/test_batch.bin")
+        member.size = CIFAR10_RECORD_BYTES
+        members.append(member)
+    with pytest.raises(DataError, match="appears twice"):
+        read_cifar10_binary(_tar_with(tmp_path / "cifar.tar.gz", *members), max_per_class=None)

@@ -5,37 +5,12 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import sys
 import zipfile
 from pathlib import Path
 
-import pytest
-import yaml
-
-from tests.conftest import build_cifar10_archive, run_command
+from tests.conftest import DVC, build_cifar10_archive, edit_params, ran_stages, run_command
 
 STAGES = ["ingest", "preprocess", "split", "train", "select_best", "evaluate"]
-DVC = [sys.executable, "-m", "dvc"]
-
-
-def ran_stages(output: str) -> list[str]:
-    """Stage names in the order `dvc repro` ran them."""
-    return re.findall(r"Running stage '([a-z_]+)'", output)
-
-
-def edit_params(project: Path, section: str, **changes) -> None:
-    path = project / "params.yaml"
-    raw = yaml.safe_load(path.read_text())
-    raw[section].update(changes)
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-
-
-@pytest.fixture
-def project(tmp_path, reproduced) -> Path:
-    """A private copy of the reproduced project for a test to change."""
-    copy = tmp_path / "project"
-    shutil.copytree(reproduced[0], copy, symlinks=True)
-    return copy
 
 
 def test_first_repro_runs_every_stage_in_order(reproduced):

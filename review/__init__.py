@@ -1,0 +1,1 @@
+"""Review tooling: the pull-request report."""
