@@ -94,6 +94,8 @@ def test_kill_during_checkpoint_write_then_resume(project, entry_point):
         command, cwd=project, env=environment_with_fault(project, "epoch-003.keras"), capture_output=True, text=True
     )
     assert killed.returncode != 0
+    if entry_point == "flow":
+        assert "stage train failed" in killed.stdout + killed.stderr  # the failed run names its stage
     assert (project / "dvc.lock").read_bytes() == lock_before
     assert checkpoint_history(project) == [1, 2]  # epoch 3 died mid-write: no row, no checkpoint
     assert not (project / "artifacts/checkpoints/epoch-003.keras").exists()
@@ -123,11 +125,13 @@ def wait_for_epochs(project: Path, count: int, epochs: int, timeout_s: float = 2
     pytest.fail(f"training did not complete {count} epochs in {timeout_s} s")
 
 
-def test_kill_of_dvc_repro_during_training_then_resume(project):
+@pytest.mark.parametrize("entry_point", ["dvc", "flow"])
+def test_kill_during_an_epoch_then_resume(project, entry_point):
     edit_params(project, "train", epochs=12)
     lock_before = (project / "dvc.lock").read_bytes()
+    command = [*DVC, "repro"] if entry_point == "dvc" else FLOW
     process = subprocess.Popen(
-        [*DVC, "repro"],
+        command,
         cwd=project,
         env=project_environment(project.parent),
         stdout=subprocess.DEVNULL,
@@ -135,13 +139,13 @@ def test_kill_of_dvc_repro_during_training_then_resume(project):
         start_new_session=True,
     )
     wait_for_epochs(project, 2, epochs=12)
-    os.killpg(process.pid, signal.SIGKILL)  # dvc and the training process, mid-epoch or mid-write
+    os.killpg(process.pid, signal.SIGKILL)  # the whole run at once: flow or dvc, and the training process
     process.wait(timeout=30)
     done = checkpoint_history(project)
     assert 2 <= len(done) < 12
     assert (project / "dvc.lock").read_bytes() == lock_before
 
-    resumed = run_command([*DVC, "repro"], project)
+    resumed = run_command(command, project)
     assert f"epoch {done[-1]} of 12" in resumed.stdout + resumed.stderr
     assert checkpoint_history(project) == list(range(1, 13))
     assert "up to date" in run_command([*DVC, "status"], project).stdout
