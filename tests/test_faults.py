@@ -85,11 +85,25 @@ def checkpoint_history(project: Path) -> list[int]:
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
 
+def command_for(entry_point: str) -> list[str]:
+    return [*DVC, "repro"] if entry_point == "dvc" else FLOW
+
+
+def assert_resumes(project: Path, command: list[str], *, last_done: int, epochs: int) -> None:
+    """Rerunning resumes after epoch `last_done`, finishes all `epochs`, and leaves DVC clean."""
+    resumed = run_command(command, project)
+    output = resumed.stdout + resumed.stderr
+    assert "resuming from" in output and f"epoch {last_done} of {epochs}" in output
+    assert checkpoint_history(project) == list(range(1, epochs + 1))
+    assert not [path.name for path in (project / "artifacts/checkpoints").iterdir() if ".tmp" in path.name]
+    assert "up to date" in run_command([*DVC, "status"], project).stdout
+
+
 @pytest.mark.parametrize("entry_point", ["dvc", "flow"])
 def test_kill_during_checkpoint_write_then_resume(project, entry_point):
     edit_params(project, "train", epochs=4)
     lock_before = (project / "dvc.lock").read_bytes()
-    command = [*DVC, "repro"] if entry_point == "dvc" else FLOW
+    command = command_for(entry_point)
     killed = subprocess.run(
         command, cwd=project, env=environment_with_fault(project, "epoch-003.keras"), capture_output=True, text=True
     )
@@ -101,13 +115,8 @@ def test_kill_during_checkpoint_write_then_resume(project, entry_point):
     assert not (project / "artifacts/checkpoints/epoch-003.keras").exists()
     first_two = [(project / f"artifacts/checkpoints/epoch-00{n}.keras").read_bytes() for n in (1, 2)]
 
-    resumed = run_command(command, project)
-    output = resumed.stdout + resumed.stderr
-    assert "resuming from" in output and "epoch 2 of 4" in output
-    assert checkpoint_history(project) == [1, 2, 3, 4]
+    assert_resumes(project, command, last_done=2, epochs=4)
     assert [(project / f"artifacts/checkpoints/epoch-00{n}.keras").read_bytes() for n in (1, 2)] == first_two
-    assert not [path.name for path in (project / "artifacts/checkpoints").iterdir() if ".tmp" in path.name]
-    assert "up to date" in run_command([*DVC, "status"], project).stdout
 
 
 def wait_for_epochs(project: Path, count: int, epochs: int, timeout_s: float = 240) -> None:
@@ -129,7 +138,7 @@ def wait_for_epochs(project: Path, count: int, epochs: int, timeout_s: float = 2
 def test_kill_during_an_epoch_then_resume(project, entry_point):
     edit_params(project, "train", epochs=12)
     lock_before = (project / "dvc.lock").read_bytes()
-    command = [*DVC, "repro"] if entry_point == "dvc" else FLOW
+    command = command_for(entry_point)
     process = subprocess.Popen(
         command,
         cwd=project,
@@ -145,10 +154,7 @@ def test_kill_during_an_epoch_then_resume(project, entry_point):
     assert 2 <= len(done) < 12
     assert (project / "dvc.lock").read_bytes() == lock_before
 
-    resumed = run_command(command, project)
-    assert f"epoch {done[-1]} of 12" in resumed.stdout + resumed.stderr
-    assert checkpoint_history(project) == list(range(1, 13))
-    assert "up to date" in run_command([*DVC, "status"], project).stdout
+    assert_resumes(project, command, last_done=done[-1], epochs=12)
 
 
 def test_two_flows_at_once_one_refuses_cleanly(project):
