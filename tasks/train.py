@@ -36,8 +36,8 @@ def run_fingerprint(train: TrainParams, *, seed: int, data_sha256: str, code_sha
     return {"train": train.model_dump(), "seed": seed, "data_sha256": data_sha256, "code_sha256": code_sha256}
 
 
-def resumable_epoch(checkpoints: Path, fingerprint: dict) -> tuple[int, str | None]:
-    """Last completed epoch in `checkpoints` for this fingerprint and its checkpoint's sha256, or (0, None).
+def resumable_history(checkpoints: Path, fingerprint: dict) -> list[dict]:
+    """History rows (with checkpoint sha256) of the epochs a rerun can resume after; [] when none.
 
     Anything that cannot be resumed (another fingerprint, no completed epoch) is cleared, and
     so are temporary files a killed write left behind.
@@ -50,15 +50,14 @@ def resumable_epoch(checkpoints: Path, fingerprint: dict) -> tuple[int, str | No
     if state.exists() and history_path.exists() and read_json(state) == fingerprint:
         history = read_table(history_path)
         saved = {int(match[1]) for path in checkpoints.iterdir() if (match := CHECKPOINT_PATTERN.match(path.name))}
-        completed = history[history["epoch"].isin(saved)]
-        if not completed.empty:
-            last = completed.iloc[-1]
-            return int(last["epoch"]), str(last["sha256"])
+        completed = history[history["epoch"].isin(saved)].to_dict("records")
+        if completed:
+            return completed
     if checkpoints.exists():
         for path in checkpoints.iterdir():
             if path.is_file():
                 path.unlink()
-    return 0, None
+    return []
 
 
 def compile_model(model, *, optimizer: str, learning_rate: float) -> None:
@@ -115,20 +114,19 @@ def fit(
     keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()
     checkpoints.mkdir(parents=True, exist_ok=True)
-    start_epoch, checkpoint_sha256 = resumable_epoch(checkpoints, fingerprint)
+    history = resumable_history(checkpoints, fingerprint)
+    start_epoch = int(history[-1]["epoch"]) if history else 0
     if start_epoch:
         log.info(
             "resuming from %s (epoch %d of %d)", checkpoints / checkpoint_name(start_epoch), start_epoch, train.epochs
         )
-        model = load_model(checkpoints / checkpoint_name(start_epoch), sha256=checkpoint_sha256)
-        history = read_table(checkpoints / "history.csv").query("epoch <= @start_epoch").to_dict("records")
+        model = load_model(checkpoints / checkpoint_name(start_epoch), sha256=str(history[-1]["sha256"]))
         # A resumed run draws fresh shuffles: reseed from the epoch so the rerun is itself repeatable.
         keras.utils.set_random_seed(seed + start_epoch)
     else:
         write_json(checkpoints / "fingerprint.json", fingerprint)
         model = build_model(train.model, arrays["x_train"].shape[1:], num_classes)
         compile_model(model, optimizer=train.optimizer, learning_rate=train.learning_rate)
-        history = []
     if start_epoch < train.epochs:
         model.fit(
             arrays["x_train"],
