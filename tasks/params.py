@@ -55,12 +55,42 @@ class SplitParams(_Section):
     validation_fraction: Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)]
 
 
+class AugmentParams(_Section):
+    flip: bool = False
+    translate: Annotated[int, Field(ge=0, le=8, strict=True)] = 0
+
+
 class TrainParams(_Section):
-    model: Literal["tutorial_cnn"]
+    model: Literal["tutorial_cnn", "speed_cnn"]
     optimizer: Literal["rmsprop", "adam", "sgd"]
     learning_rate: PositiveFloat
     batch_size: PositiveInt
     epochs: PositiveInt
+    # The speed recipe's keys; their defaults leave the tutorial's training exactly as it was.
+    widths: Annotated[list[PositiveInt], Field(min_length=1, max_length=4)] = [32, 128, 128]
+    momentum: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)] = 0.0
+    weight_decay: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
+    label_smoothing: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)] = 0.0
+    # null: constant learning rate; a fraction: linear warm-up over that share of steps, then cosine to 0.
+    warmup_fraction: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)] | None = None
+    augment: AugmentParams = AugmentParams()
+
+
+# The tutorial's training, as a whole train section: the reference recipe for tests, the
+# benchmark and `dvc exp run -S` (README), one section swap away from the default.
+TUTORIAL_TRAIN = {
+    "model": "tutorial_cnn",
+    "optimizer": "rmsprop",
+    "learning_rate": 0.001,
+    "batch_size": 32,
+    "epochs": 20,
+    "widths": [32, 128, 128],
+    "momentum": 0.0,
+    "weight_decay": 0.0,
+    "label_smoothing": 0.0,
+    "warmup_fraction": None,
+    "augment": {"flip": False, "translate": 0},
+}
 
 
 class SelectBestParams(_Section):

@@ -60,16 +60,43 @@ def resumable_history(checkpoints: Path, fingerprint: dict) -> list[dict]:
     return []
 
 
-def compile_model(model, *, optimizer: str, learning_rate: float) -> None:
-    """Compile with the named optimizer, sparse cross-entropy and accuracy."""
+def compile_model(model, train: TrainParams, *, steps_per_epoch: int) -> None:
+    """Compile with the configured optimizer, learning-rate schedule, loss and accuracy."""
     import keras
 
-    optimizers = {"rmsprop": keras.optimizers.RMSprop, "adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD}
-    model.compile(
-        optimizer=optimizers[optimizer](learning_rate=learning_rate),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
+    learning_rate = train.learning_rate
+    if train.warmup_fraction is not None:
+        total_steps = train.epochs * steps_per_epoch
+        warmup_steps = int(total_steps * train.warmup_fraction)
+        learning_rate = keras.optimizers.schedules.CosineDecay(
+            0.0, max(total_steps - warmup_steps, 1), warmup_target=train.learning_rate, warmup_steps=warmup_steps
+        )
+    options = {"learning_rate": learning_rate, "weight_decay": train.weight_decay or None}
+    if train.optimizer == "sgd":
+        optimizer = keras.optimizers.SGD(momentum=train.momentum, nesterov=train.momentum > 0, **options)
+    else:
+        optimizer = {"rmsprop": keras.optimizers.RMSprop, "adam": keras.optimizers.Adam}[train.optimizer](**options)
+    # Label smoothing needs one-hot targets; without it the tutorial's sparse loss is kept as it was.
+    loss = (
+        keras.losses.CategoricalCrossentropy(label_smoothing=train.label_smoothing)
+        if train.label_smoothing
+        else "sparse_categorical_crossentropy"
     )
+    model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"])
+
+
+def training_targets(labels: np.ndarray, train: TrainParams, num_classes: int) -> np.ndarray:
+    """Labels as the compiled loss wants them: one-hot for label smoothing, else as given."""
+    if train.label_smoothing:
+        return np.eye(num_classes, dtype=np.float32)[labels]
+    return labels
+
+
+def model_options(train: TrainParams) -> dict:
+    """The architecture options a recipe passes to build_model (none for the tutorial's CNN)."""
+    if train.model == "tutorial_cnn":
+        return {}
+    return {"widths": tuple(train.widths), "flip": train.augment.flip, "translate": train.augment.translate}
 
 
 def _epoch_checkpointer(checkpoints: Path, history: list[dict]):
@@ -125,16 +152,16 @@ def fit(
         keras.utils.set_random_seed(seed + start_epoch)
     else:
         write_json(checkpoints / "fingerprint.json", fingerprint)
-        model = build_model(train.model, arrays["x_train"].shape[1:], num_classes)
-        compile_model(model, optimizer=train.optimizer, learning_rate=train.learning_rate)
+        model = build_model(train.model, arrays["x_train"].shape[1:], num_classes, **model_options(train))
+        compile_model(model, train, steps_per_epoch=math.ceil(arrays["y_train"].size / train.batch_size))
     if start_epoch < train.epochs:
         model.fit(
             arrays["x_train"],
-            arrays["y_train"],
+            training_targets(arrays["y_train"], train, num_classes),
             batch_size=train.batch_size,
             epochs=train.epochs,
             initial_epoch=start_epoch,
-            validation_data=(arrays["x_val"], arrays["y_val"]),
+            validation_data=(arrays["x_val"], training_targets(arrays["y_val"], train, num_classes)),
             shuffle=True,
             callbacks=[_epoch_checkpointer(checkpoints, history)],
             verbose=2,

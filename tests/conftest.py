@@ -20,6 +20,8 @@ import pytest
 import yaml
 from PIL import Image
 
+from tasks.params import TUTORIAL_TRAIN
+
 ROOT = Path(__file__).resolve().parent.parent
 CLASS_NAMES = ("circle", "cross", "square", "stripes")
 TRAIN_PER_CLASS, TEST_PER_CLASS = 12, 4
@@ -126,7 +128,8 @@ def small_params(raw: dict, root: Path, source: Path) -> dict:
     raw["paths"] = {key: str(root / value) for key, value in raw["paths"].items()}
     raw["ingest"].update(source=str(source), sha256=None, url=None, max_per_class=None)
     raw["split"]["validation_fraction"] = 0.25
-    raw["train"].update(epochs=2, batch_size=8)
+    # The tutorial's recipe at toy size: the machinery under test, not the speed recipe (test_train has that).
+    raw["train"] = {**TUTORIAL_TRAIN, "epochs": 2, "batch_size": 8}
     return raw
 
 

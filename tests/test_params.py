@@ -7,7 +7,7 @@ import math
 import pytest
 import yaml
 
-from tasks.params import ParamsError, load_params, parse_params
+from tasks.params import TUTORIAL_TRAIN, ParamsError, load_params, parse_params
 from tests.conftest import ROOT
 
 
@@ -18,9 +18,16 @@ def raw_params() -> dict:
 
 def test_project_params_load():
     params = load_params(ROOT / "params.yaml")
-    assert params.train.model == "tutorial_cnn"
-    assert params.train.optimizer == "rmsprop" and params.train.batch_size == 32
+    assert params.train.model == "speed_cnn" and params.train.augment.flip
     assert params.select_best.monitor == "val_loss" and params.select_best.mode == "min"
+
+
+def test_tutorial_recipe_is_a_whole_valid_train_section(raw_params):
+    raw_params["train"] = TUTORIAL_TRAIN
+    train = parse_params(raw_params).train
+    assert train.model == "tutorial_cnn" and train.optimizer == "rmsprop" and train.batch_size == 32
+    # Every key is spelled out, so swapping it in leaves nothing of the speed recipe behind.
+    assert set(TUTORIAL_TRAIN) == set(type(train).model_fields)
 
 
 @pytest.mark.parametrize(
@@ -34,6 +41,13 @@ def test_project_params_load():
         ("train", "learning_rate", -0.1, "train.learning_rate"),
         ("train", "learning_rate", math.nan, "train.learning_rate"),
         ("train", "optimizer", "adamw2", "train.optimizer"),
+        ("train", "model", "resnet", "train.model"),
+        ("train", "widths", [], "train.widths"),
+        ("train", "momentum", 1.0, "train.momentum"),
+        ("train", "label_smoothing", -0.1, "train.label_smoothing"),
+        ("train", "warmup_fraction", 1.5, "train.warmup_fraction"),
+        ("train", "augment", {"flip": True, "translate": 9}, "train.augment.translate"),
+        ("train", "augment", {"flip": True, "shift": 2}, "train.augment.shift"),
         ("split", "validation_fraction", 0.0, "split.validation_fraction"),
         ("split", "validation_fraction", 1.0, "split.validation_fraction"),
         ("select_best", "mode", "biggest", "select_best.mode"),

@@ -54,6 +54,67 @@ def test_changed_params_start_afresh(split_params):
     assert sorted(path.name for path in params.paths.checkpoints.glob("*.keras")) == ["epoch-001.keras"]
 
 
+# The speed recipe at toy widths: every knob on, so each is built, saved and resumed once.
+SPEED_RECIPE = {
+    "model": "speed_cnn",
+    "widths": [8, 16],
+    "optimizer": "sgd",
+    "learning_rate": 0.05,
+    "momentum": 0.9,
+    "weight_decay": 5e-4,
+    "label_smoothing": 0.2,
+    "warmup_fraction": 0.25,
+    "augment": {"flip": True, "translate": 2},
+}
+
+
+def test_speed_recipe_resumes_its_schedule_and_predicts_without_augmenting(split_params, caplog):
+    import numpy as np
+
+    from tasks.io import load_model, read_arrays
+
+    params = with_train(split_params, epochs=3, **SPEED_RECIPE)
+    train.run(params)
+    checkpoints = params.paths.checkpoints
+    (checkpoints / "epoch-003.keras").unlink()
+    with caplog.at_level(logging.INFO, logger="tasks.train"):
+        train.run(params)
+    assert "epoch 2 of 3" in caplog.text
+    history = pd.read_csv(params.paths.training / "history.csv")
+    assert history["epoch"].tolist() == [1, 2, 3] and np.isfinite(history.drop(columns="epoch").to_numpy()).all()
+
+    model = load_model(checkpoints / "epoch-003.keras", sha256=sha256_file(checkpoints / "epoch-003.keras"))
+    arrays = read_arrays(params.paths.split / "train_val.npz", ("x_train",))
+    steps_per_epoch = -(-arrays["x_train"].shape[0] // params.train.batch_size)
+    # The resumed run carried on from the saved step count: the schedule was not restarted.
+    assert int(model.optimizer.iterations.numpy()) == 3 * steps_per_epoch
+    x = arrays["x_train"][:8]
+    first, second = model.predict(x, verbose=0), model.predict(x, verbose=0)
+    np.testing.assert_array_equal(first, second)  # flips and shifts are training-only
+    np.testing.assert_allclose(first.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_speed_recipe_trains_the_same_weights_twice(split_params):
+    import shutil
+
+    import numpy as np
+
+    from tasks.io import load_model
+
+    def final_weights(params):
+        path = params.paths.checkpoints / "epoch-002.keras"
+        return load_model(path, sha256=sha256_file(path)).get_weights()
+
+    params = with_train(split_params, epochs=2, **SPEED_RECIPE)
+    train.run(params)
+    first_history, first = (params.paths.training / "history.csv").read_bytes(), final_weights(params)
+    shutil.rmtree(params.paths.checkpoints)
+    train.run(params)  # seeded flips and shifts, op determinism: the same weights again
+    assert (params.paths.training / "history.csv").read_bytes() == first_history
+    for again, before in zip(final_weights(params), first, strict=True):
+        np.testing.assert_array_equal(again, before)
+
+
 def test_nan_loss_fails_without_writing_history(split_params):
     params = with_train(split_params, optimizer="sgd", learning_rate=1e30, epochs=2)
     with pytest.raises(TrainingDivergedError, match="loss is not finite"):
