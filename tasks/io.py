@@ -178,6 +178,8 @@ def load_model(path: str | Path, sha256: str | None = None):
     """Load a Keras model in safe mode, refusing it first if its sha256 is not `sha256`."""
     import keras  # deferred: importing TensorFlow takes seconds and most callers need no model
 
+    import tasks.model  # noqa: F401  (registers the custom layers the saved models use)
+
     if not Path(path).is_file():
         raise DataError(f"{path}: model file not found (run the train stage first)")
     if sha256 is not None:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import keras
-from keras import layers
+import numpy as np
+from keras import layers, ops
 
 
 def build_tutorial_cnn(input_shape: tuple[int, int, int], num_classes: int) -> keras.Model:
@@ -34,16 +35,72 @@ CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
 
-def _speed_block(x, width: int):
-    """Conv, 2x2 max-pool, batch norm, GELU, then conv, batch norm, GELU (airbench's block)."""
-    for pool in (True, False):
-        x = layers.Conv2D(width, kernel_size=3, padding="same", use_bias=False)(x)
-        if pool:
-            x = layers.MaxPooling2D(pool_size=2)(x)
-        # Momentum 0.6: short runs need running statistics that follow the fast-moving weights.
-        x = layers.BatchNormalization(momentum=0.6, scale=False)(x)
-        x = layers.Activation("gelu")(x)
-    return x
+@keras.saving.register_keras_serializable(package="tasks")
+class ScaledBias(layers.Layer):
+    """Adds a learned per-channel bias stored divided by `multiplier`.
+
+    Plain SGD then moves the bias multiplier**2 times faster than other weights, at the same
+    relative weight decay: airbench's 64x learning rate for BatchNorm biases (multiplier 8),
+    which Keras optimizers cannot give one variable.
+    """
+
+    def __init__(self, multiplier: float = 1.0, **kwargs):
+        super().__init__(**kwargs)
+        self.multiplier = multiplier
+
+    def build(self, input_shape):
+        self.bias = self.add_weight(shape=(input_shape[-1],), initializer="zeros", name="bias")
+
+    def call(self, inputs):
+        return inputs + self.multiplier * self.bias
+
+    def get_config(self):
+        return {**super().get_config(), "multiplier": self.multiplier}
+
+
+@keras.saving.register_keras_serializable(package="tasks")
+class FlipCopies(layers.Layer):
+    """At inference, appends the mirrored images to the batch (test-time flips); training passes through."""
+
+    def call(self, inputs, training=None):
+        if training:
+            return inputs
+        return ops.concatenate([inputs, ops.flip(inputs, axis=2)], axis=0)
+
+
+@keras.saving.register_keras_serializable(package="tasks")
+class MergeFlipCopies(layers.Layer):
+    """At inference, averages the logits of each image and its mirror (FlipCopies' inverse)."""
+
+    def call(self, inputs, training=None):
+        if training:
+            return inputs
+        original, mirrored = ops.split(inputs, 2, axis=0)
+        return (original + mirrored) / 2
+
+
+# airbench's BatchNorm-bias learning-rate scale is 64 = 8**2 (see ScaledBias).
+BATCHNORM_BIAS_MULTIPLIER = 8.0
+
+
+def _norm_gelu(x):
+    """BatchNorm (no scale; bias at 64x learning rate) then GELU."""
+    # Momentum 0.6: short runs need running statistics that follow the fast-moving weights.
+    x = layers.BatchNormalization(momentum=0.6, center=False, scale=False)(x)
+    x = ScaledBias(BATCHNORM_BIAS_MULTIPLIER)(x)
+    return layers.Activation("gelu")(x)
+
+
+def _speed_block(x, width: int, name: str):
+    """Conv, 2x2 max-pool, BN, GELU, then conv, BN, GELU (airbench's block)."""
+    x = layers.Conv2D(width, kernel_size=3, padding="same", use_bias=False, name=f"{name}_conv1")(x)
+    x = _norm_gelu(layers.MaxPooling2D(pool_size=2)(x))
+    x = layers.Conv2D(width, kernel_size=3, padding="same", use_bias=False, name=f"{name}_conv2")(x)
+    return _norm_gelu(x)
+
+
+STEM_KERNEL = 2
+STEM_WIDTH = 2 * 3 * STEM_KERNEL**2  # each whitening direction and its negative
 
 
 def build_speed_cnn(
@@ -53,8 +110,12 @@ def build_speed_cnn(
     widths: tuple[int, ...] = (32, 128, 128),
     flip: bool = False,
     translate: int = 0,
+    test_time_flip: bool = False,
 ) -> keras.Model:
-    """An airbench-style CNN built for accuracy per second on a CPU; augments only while training."""
+    """An airbench-style CNN built for accuracy per second on a CPU; augments only while training.
+
+    Call `initialize_speed_cnn` before training: the stem's weights come from the data.
+    """
     inputs = keras.Input(shape=input_shape, dtype="uint8")
     x = layers.Rescaling(1.0 / 255)(inputs)
     # Augmentation layers are identity at inference, so the saved model needs no separate copy.
@@ -66,16 +127,52 @@ def build_speed_cnn(
             translate / height, translate / width, fill_mode="reflect", interpolation="nearest"
         )(x)
     x = layers.Normalization(mean=CIFAR10_MEAN, variance=[s * s for s in CIFAR10_STD])(x)
-    x = layers.Conv2D(24, kernel_size=2, padding="valid")(x)
-    x = layers.Activation("gelu")(x)
-    for width in widths:
-        x = _speed_block(x, width)
+    if test_time_flip:
+        x = FlipCopies()(x)
+    # Frozen patch-whitening stem (initialize_speed_cnn sets it); only its bias learns.
+    x = layers.Conv2D(STEM_WIDTH, STEM_KERNEL, use_bias=False, trainable=False, name="whitening")(x)
+    x = layers.Activation("gelu")(ScaledBias()(x))
+    for index, width in enumerate(widths, start=1):
+        x = _speed_block(x, width, name=f"block{index}")
     x = layers.GlobalMaxPooling2D()(x)
     x = layers.Dense(num_classes, use_bias=False)(x)
     # Scaled-down logits (airbench's 1/9) keep the early softmax soft at high learning rates.
     x = layers.Rescaling(1.0 / 9)(x)
+    if test_time_flip:
+        x = MergeFlipCopies()(x)
     outputs = layers.Activation("softmax")(x)
     return keras.Model(inputs, outputs, name="speed_cnn")
+
+
+def whitening_kernel(images: np.ndarray, kernel_size: int = STEM_KERNEL, epsilon: float = 5e-4) -> np.ndarray:
+    """Conv kernel (k, k, channels, 2 * k*k*channels) that whitens the images' k x k patches.
+
+    Its filters are the eigenvectors of the patch covariance scaled by 1/sqrt(eigenvalue),
+    each also negated so a following GELU keeps both signs (airbench's whitening init).
+    """
+    pixels = (images.astype(np.float32) / 255 - CIFAR10_MEAN) / CIFAR10_STD
+    patches = np.lib.stride_tricks.sliding_window_view(pixels, (kernel_size, kernel_size), axis=(1, 2))
+    # (n, h, w, c, kh, kw) -> rows of (kh, kw, c), the layout of a Keras conv kernel.
+    patches = patches.transpose(0, 1, 2, 4, 5, 3).reshape(-1, kernel_size * kernel_size * images.shape[-1])
+    eigenvalues, eigenvectors = np.linalg.eigh(np.cov(patches, rowvar=False))
+    filters = (eigenvectors / np.sqrt(eigenvalues + epsilon)).T
+    kernel = filters.reshape(-1, kernel_size, kernel_size, images.shape[-1]).transpose(1, 2, 3, 0)
+    return np.concatenate([kernel, -kernel], axis=-1).astype(np.float32)
+
+
+def initialize_speed_cnn(model: keras.Model, images: np.ndarray) -> None:
+    """Whitening stem from `images`; each 3x3 conv starts as identity on its first input channels."""
+    # airbench's sample size: the 12x12 covariance settles well before 5,000 images.
+    model.get_layer("whitening").set_weights([whitening_kernel(images[:5000])])
+    for layer in model.layers:
+        if isinstance(layer, layers.Conv2D) and layer.name.startswith("block"):
+            kernel = layer.get_weights()[0]
+            inputs = min(kernel.shape[2], kernel.shape[3])
+            # Dirac init (airbench): the conv first passes its input through, then learns.
+            kernel[:, :, :, :inputs] = 0
+            centre = kernel.shape[0] // 2
+            kernel[centre, centre, np.arange(inputs), np.arange(inputs)] = 1
+            layer.set_weights([kernel])
 
 
 ARCHITECTURES = {"tutorial_cnn": build_tutorial_cnn, "speed_cnn": build_speed_cnn}

@@ -74,6 +74,14 @@ class TrainParams(_Section):
     # null: constant learning rate; a fraction: linear warm-up over that share of steps, then cosine to 0.
     warmup_fraction: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)] | None = None
     augment: AugmentParams = AugmentParams()
+    # speed_cnn only: predict each image as the mean of it and its mirror image (validation and test).
+    test_time_flip: bool = False
+
+    @model_validator(mode="after")
+    def _check_speed_only_keys(self) -> TrainParams:
+        if self.test_time_flip and self.model != "speed_cnn":
+            raise ValueError(f"train.test_time_flip needs model speed_cnn, not {self.model}")
+        return self
 
 
 # The tutorial's training as a whole train section (every key, so nothing of the speed recipe
@@ -90,6 +98,7 @@ TUTORIAL_TRAIN = {
     "label_smoothing": 0.0,
     "warmup_fraction": None,
     "augment": {"flip": False, "translate": 0},
+    "test_time_flip": False,
 }
 
 

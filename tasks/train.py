@@ -96,7 +96,12 @@ def model_options(train: TrainParams) -> dict:
     """The architecture options a recipe passes to build_model (none for the tutorial's CNN)."""
     if train.model == "tutorial_cnn":
         return {}
-    return {"widths": tuple(train.widths), "flip": train.augment.flip, "translate": train.augment.translate}
+    return {
+        "widths": tuple(train.widths),
+        "flip": train.augment.flip,
+        "translate": train.augment.translate,
+        "test_time_flip": train.test_time_flip,
+    }
 
 
 def _epoch_checkpointer(checkpoints: Path, history: list[dict]):
@@ -136,7 +141,7 @@ def fit(
     import tensorflow as tf
 
     from tasks.io import load_model
-    from tasks.model import build_model
+    from tasks.model import build_model, initialize_speed_cnn
 
     keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()
@@ -153,6 +158,8 @@ def fit(
     else:
         write_json(checkpoints / "fingerprint.json", fingerprint)
         model = build_model(train.model, arrays["x_train"].shape[1:], num_classes, **model_options(train))
+        if train.model == "speed_cnn":
+            initialize_speed_cnn(model, arrays["x_train"])
         compile_model(model, train, steps_per_epoch=math.ceil(arrays["y_train"].size / train.batch_size))
     if start_epoch < train.epochs:
         model.fit(

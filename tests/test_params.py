@@ -75,6 +75,12 @@ def test_url_without_checksum_is_rejected(raw_params):
         parse_params(raw_params)
 
 
+def test_test_time_flip_needs_the_speed_model(raw_params):
+    raw_params["train"] = {**TUTORIAL_TRAIN, "test_time_flip": True}
+    with pytest.raises(ParamsError, match="train.test_time_flip needs model speed_cnn"):
+        parse_params(raw_params)
+
+
 def test_missing_and_unparsable_files_are_named(tmp_path):
     with pytest.raises(ParamsError, match="nowhere.yaml: params file not found"):
         load_params(tmp_path / "nowhere.yaml")

@@ -65,6 +65,7 @@ SPEED_RECIPE = {
     "label_smoothing": 0.2,
     "warmup_fraction": 0.25,
     "augment": {"flip": True, "translate": 2},
+    "test_time_flip": True,
 }
 
 
@@ -92,6 +93,8 @@ def test_speed_recipe_resumes_its_schedule_and_predicts_without_augmenting(split
     first, second = model.predict(x, verbose=0), model.predict(x, verbose=0)
     np.testing.assert_array_equal(first, second)  # flips and shifts are training-only
     np.testing.assert_allclose(first.sum(axis=1), 1.0, rtol=1e-5)
+    # Test-time flips: an image and its mirror image get the same prediction.
+    np.testing.assert_allclose(model.predict(x[:, :, ::-1], verbose=0), first, rtol=1e-4, atol=1e-6)
 
 
 def test_speed_recipe_trains_the_same_weights_twice(split_params):
