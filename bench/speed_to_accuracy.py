@@ -11,7 +11,6 @@ training wrote its fingerprint (before the first epoch).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -24,7 +23,9 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from tasks.io import read_arrays, read_json, read_table
 from tasks.params import TUTORIAL_TRAIN
+from tasks.train import checkpoint_name
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,9 +69,9 @@ def epoch_times(project: Path, params: dict) -> pd.DataFrame:
     """Per-epoch validation accuracy with seconds since training started (from checkpoint mtimes)."""
     checkpoints = project / params["paths"]["checkpoints"]
     started = (checkpoints / "fingerprint.json").stat().st_mtime
-    history = pd.read_csv(project / params["paths"]["training"] / "history.csv")
+    history = read_table(project / params["paths"]["training"] / "history.csv")
     history["seconds"] = [
-        (checkpoints / f"epoch-{epoch:03d}.keras").stat().st_mtime - started for epoch in history["epoch"]
+        (checkpoints / checkpoint_name(epoch)).stat().st_mtime - started for epoch in history["epoch"]
     ]
     return history
 
@@ -81,10 +82,9 @@ def measure(name: str, workdir: Path, repeat: int) -> dict:
     print(f"[bench] {name} run {repeat + 1}: dvc repro in {project}", file=sys.stderr, flush=True)
     wall, peak_gib = timed_repro(project)
     params = yaml.safe_load((project / "params.yaml").read_text())
-    metrics = json.loads((project / params["paths"]["metrics"] / "metrics.json").read_text())
+    metrics = read_json(project / params["paths"]["metrics"] / "metrics.json")
     history = epoch_times(project, params)
-    train_images = json.loads((project / params["paths"]["prepared"] / "report.json").read_text())["counts"]["train"]
-    train_images = round(train_images * (1 - params["split"]["validation_fraction"]))
+    train_images = read_arrays(project / params["paths"]["split"] / "train_val.npz", ("y_train",))["y_train"].size
     print(
         f"[bench] {name} run {repeat + 1}: test accuracy {metrics['test']['accuracy']}, repro {wall:.0f} s, "
         f"peak {peak_gib:.2f} GiB, epochs {history[['epoch', 'val_accuracy', 'seconds']].to_dict('records')}",

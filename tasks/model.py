@@ -176,6 +176,8 @@ def initialize_speed_cnn(model: keras.Model, images: np.ndarray) -> None:
 
 
 ARCHITECTURES = {"tutorial_cnn": build_tutorial_cnn, "speed_cnn": build_speed_cnn}
+# Architectures whose starting weights come from the training images.
+DATA_INITIALIZERS = {"speed_cnn": initialize_speed_cnn}
 
 
 def build_model(name: str, input_shape: tuple[int, int, int], num_classes: int, **options) -> keras.Model:
@@ -185,3 +187,9 @@ def build_model(name: str, input_shape: tuple[int, int, int], num_classes: int, 
     except KeyError:
         raise ValueError(f"unknown model {name!r}; expected one of {sorted(ARCHITECTURES)}") from None
     return builder(input_shape, num_classes, **options)
+
+
+def initialize_from_data(name: str, model: keras.Model, images) -> None:
+    """Set the data-derived starting weights of the named architecture, if it has any."""
+    if name in DATA_INITIALIZERS:
+        DATA_INITIALIZERS[name](model, images)

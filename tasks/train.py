@@ -141,7 +141,7 @@ def fit(
     import tensorflow as tf
 
     from tasks.io import load_model
-    from tasks.model import build_model, initialize_speed_cnn
+    from tasks.model import build_model, initialize_from_data
 
     keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()
@@ -158,8 +158,7 @@ def fit(
     else:
         write_json(checkpoints / "fingerprint.json", fingerprint)
         model = build_model(train.model, arrays["x_train"].shape[1:], num_classes, **model_options(train))
-        if train.model == "speed_cnn":
-            initialize_speed_cnn(model, arrays["x_train"])
+        initialize_from_data(train.model, model, arrays["x_train"])
         compile_model(model, train, steps_per_epoch=math.ceil(arrays["y_train"].size / train.batch_size))
     if start_epoch < train.epochs:
         model.fit(
