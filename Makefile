@@ -36,4 +36,4 @@ lint: setup
 	$(BIN)/ruff format --check .
 
 lock: $(BIN)/uv
-	$(BIN)/uv pip compile --quiet --python-version 3.11 --generate-hashes requirements.in -o requirements.lock
+	$(BIN)/uv pip compile --quiet --python-version 3.11 --generate-hashes --extra dev pyproject.toml -o requirements.lock

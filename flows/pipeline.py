@@ -2,9 +2,13 @@
 
 Each task asks DVC whether its stage is stale and, if so, runs it with
 `dvc repro --single-item`, so dvc.lock ends exactly as `dvc repro` leaves it and
-`dvc status` is clean after either entry point.
+`dvc status` is clean after either entry point. Params come from params.yaml, the file
+dvc.yaml's stages read: there is no other params file to pass.
 
-    python -m flows.pipeline [--params params.yaml]
+    python -m flows.pipeline
+
+Exit status: 0 done; 2 bad input (params or data; the stage's message says which);
+75 busy (another run or DVC process holds the workspace: try again later); 1 anything else.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import argparse
 import contextlib
 import fcntl
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -27,17 +32,31 @@ from prefect.cache_policies import NO_CACHE
 from tasks.cli import EXIT_BAD_INPUT
 from tasks.ingest import fetch_source
 from tasks.io import DataError, read_json
-from tasks.params import ParamsError, flatten_params, load_params
+from tasks.params import DEFAULT_PARAMS_PATH, ParamsError, flatten_params, load_params
 
 STAGES = ("ingest", "preprocess", "split", "train", "select_best", "evaluate")
+EXIT_BUSY = 75  # EX_TEMPFAIL: nothing is wrong with the inputs; the same run later will work
+
+# A DVC lock held by someone else (a user's `dvc status` at 02:00) goes away by itself:
+# retry the stage after these pauses. A stage's own failure is never retried.
+DVC_BUSY_RETRY_DELAYS_S = (2, 5, 10, 20, 40, 60)
 
 
 class StageFailedError(RuntimeError):
     """A stage's command exited non-zero; DVC left dvc.lock and the cached outputs as they were."""
 
 
+class StageBadInputError(StageFailedError):
+    """A stage refused its input (exit 2): the params or data need fixing, not a rerun."""
+
+
 class PipelineBusyError(RuntimeError):
-    """Another flow run holds this workspace."""
+    """Another flow run, or another DVC process, holds this workspace."""
+
+
+# How DVC reports a stage command's exit status, e.g. "failed to run: python -m tasks.train, exited with 2".
+_STAGE_EXIT = re.compile(r"failed to run: .*, exited with (-?\d+)")
+_DVC_LOCKED = "Unable to acquire lock"
 
 
 @contextlib.contextmanager
@@ -110,6 +129,7 @@ def _param_changes(stage) -> list[str]:
 def stage_changes(root: Path, stage: str) -> str | None:
     """Why DVC finds one stage stale, or None when it is up to date."""
     from dvc.exceptions import DvcException
+    from dvc.lock import LockError
     from dvc.repo import Repo
 
     try:
@@ -119,7 +139,9 @@ def stage_changes(root: Path, stage: str) -> str | None:
                 return None
             (pipeline_stage,) = repo.stage.collect(stage)
             return describe_changes(status, _param_changes(pipeline_stage))
-    except DvcException as error:  # a corrupted dvc.lock, another DVC process holding the lock, ...
+    except LockError as error:
+        raise PipelineBusyError(f"stage {stage}: another DVC process holds {root / '.dvc' / 'tmp'}: {error}") from error
+    except DvcException as error:  # a corrupted dvc.lock, ...
         raise StageFailedError(f"stage {stage}: DVC cannot tell whether it is up to date: {error}") from error
 
 
@@ -141,35 +163,69 @@ def reproduce_stage(root: Path, stage: str) -> StageOutcome:
         return StageOutcome(stage, ran=False, reason="up to date")
     logger.info("stage %s: running (%s)", stage, reason)
     command = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
+    output = []
     with subprocess.Popen(
         command, cwd=root, env=_stage_environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     ) as process:
         for line in process.stdout:
             if line.strip():
+                output.append(line.rstrip())
                 logger.info("%s | %s", stage, line.rstrip())
     if process.returncode != 0:
-        raise StageFailedError(f"stage {stage} failed (dvc repro exit {process.returncode}); see its output above")
+        raise stage_failure(stage, process.returncode, output)
     logger.info("stage %s: done", stage)
     return StageOutcome(stage, ran=True, reason=reason)
 
 
+def stage_failure(stage: str, dvc_status: int, output: list[str]) -> Exception:
+    """The error for a failed `dvc repro --single-item`: busy, bad input (the stage exited 2) or a failure."""
+    if any(_DVC_LOCKED in line for line in output):
+        return PipelineBusyError(f"stage {stage}: another DVC process holds the repository lock; try again later")
+    exits = [int(match[1]) for line in output if (match := _STAGE_EXIT.search(line))]
+    # The stage's own one-line error ("error: ..."), which names the file or key.
+    message = next((line for line in reversed(output) if line.startswith("error: ")), "see its output above")
+    if exits and exits[-1] == EXIT_BAD_INPUT:
+        return StageBadInputError(f"stage {stage} refused its input: {message.removeprefix('error: ')}")
+    status = f"exited {exits[-1]}" if exits else f"dvc repro exited {dvc_status}"
+    return StageFailedError(f"stage {stage} failed ({status}): {message.removeprefix('error: ')}")
+
+
+def retry_when_busy(task, task_run, state) -> bool:
+    """Prefect retry condition: retry only a stage that found the workspace locked by another DVC process."""
+    return isinstance(state.result(raise_on_failure=False), PipelineBusyError)
+
+
 def _stage_task(stage: str):
     # NO_CACHE: DVC alone decides what is stale; a Prefect cache could disagree with dvc.lock.
-    return task(name=stage, cache_policy=NO_CACHE, persist_result=False)(lambda root: reproduce_stage(root, stage))
+    return task(
+        name=stage,
+        cache_policy=NO_CACHE,
+        persist_result=False,
+        retries=len(DVC_BUSY_RETRY_DELAYS_S),
+        retry_delay_seconds=list(DVC_BUSY_RETRY_DELAYS_S),
+        retry_condition_fn=retry_when_busy,
+    )(lambda root: reproduce_stage(root, stage))
 
 
 PIPELINE = tuple(_stage_task(stage) for stage in STAGES)
 
 
 @flow(name="cifar10-pipeline", persist_result=False)
-def cifar10_pipeline(params_path: str = "params.yaml", root: str = ".") -> list[StageOutcome]:
-    """Validate params, make sure the source is present, then run each stage that DVC finds stale."""
+def cifar10_pipeline(root: str = ".") -> list[StageOutcome]:
+    """Validate params.yaml, make sure the source is present, then run each stage that DVC finds stale."""
     logger = get_run_logger()
     root_path = Path(root).resolve()
-    params = load_params(root_path / params_path)  # bad params fail the run before any work
-    with exclusive_workspace(root_path):
-        ensure_source(root_path, params.ingest)
-        outcomes = [stage_task(root_path) for stage_task in PIPELINE]
+    params = load_params(root_path / DEFAULT_PARAMS_PATH)  # bad params fail the run before any work
+    outcomes: list[StageOutcome] = []
+    try:
+        with exclusive_workspace(root_path):
+            ensure_source(root_path, params.ingest)
+            for stage_task in PIPELINE:
+                outcomes.append(stage_task(root_path))
+    except Exception as error:
+        # A failed run still says what it did and where it stopped, in the same artifact.
+        publish_failure(outcomes, error)
+        raise
     ran = [outcome.stage for outcome in outcomes if outcome.ran]
     logger.info("pipeline %s", f"ran {', '.join(ran)}" if ran else "up to date: no stage ran")
     publish_summary(outcomes, read_json(root_path / params.paths.metrics / "metrics.json"))
@@ -180,29 +236,43 @@ RUN_ARTIFACT_KEY = "cifar10-pipeline-run"
 METRICS_ARTIFACT_KEY = "cifar10-pipeline-metrics"
 
 
-def summary_markdown(outcomes: list[StageOutcome], metrics: dict) -> str:
-    """What reran and why, then the headline metrics, as markdown."""
-    ran = [outcome.stage for outcome in outcomes if outcome.ran]
-    lines = [f"# Pipeline run: {'ran ' + ', '.join(ran) if ran else 'up to date, no stage ran'}", ""]
-    lines += ["| stage | outcome | why |", "| --- | --- | --- |"]
+def _stage_rows(outcomes: list[StageOutcome]) -> list[str]:
+    lines = ["| stage | outcome | why |", "| --- | --- | --- |"]
     lines += [
         f"| {outcome.stage} | {'ran' if outcome.ran else 'up to date'} | {outcome.reason if outcome.ran else ''} |"
         for outcome in outcomes
     ]
-    lines += ["", "| metric | value |", "| --- | --- |"]
+    return lines
+
+
+def summary_markdown(outcomes: list[StageOutcome], metrics: dict) -> str:
+    """What reran and why, then the headline metrics, as markdown."""
+    ran = [outcome.stage for outcome in outcomes if outcome.ran]
+    lines = [f"# Pipeline run: {'ran ' + ', '.join(ran) if ran else 'up to date, no stage ran'}", ""]
+    lines += [*_stage_rows(outcomes), "", "| metric | value |", "| --- | --- |"]
     lines += [f"| {row['metric']} | {row['value']} |" for row in metrics_rows(metrics)]
+    return "\n".join(lines)
+
+
+def failure_markdown(outcomes: list[StageOutcome], error: Exception) -> str:
+    """What ran before the failure, which stage failed and the error, as markdown."""
+    failed = STAGES[len(outcomes)] if len(outcomes) < len(STAGES) else "the end of the run"
+    lines = [f"# Pipeline run: failed at {failed}", "", f"**{type(error).__name__}**: {error}", ""]
+    lines += _stage_rows(outcomes)
+    lines += [f"| {stage} | not run | |" for stage in STAGES[len(outcomes) :]]
     return "\n".join(lines)
 
 
 def metrics_rows(metrics: dict) -> list[dict]:
     """The headline test and validation figures of metrics.json as table rows."""
-    test = metrics.get("test", {})
+    test, validation = metrics.get("test", {}), metrics.get("validation", {})
     return [
         {"metric": "test accuracy", "value": test.get("accuracy")},
-        {"metric": "test loss", "value": test.get("loss")},
+        {"metric": "test cross-entropy", "value": test.get("crossentropy")},
         {"metric": "test macro F1", "value": test.get("macro_f1")},
         {"metric": "best epoch", "value": metrics.get("best_epoch")},
-        {"metric": "validation accuracy", "value": metrics.get("val_accuracy")},
+        {"metric": "validation accuracy", "value": validation.get("accuracy")},
+        {"metric": "validation cross-entropy", "value": validation.get("crossentropy")},
     ]
 
 
@@ -214,6 +284,13 @@ def publish_summary(outcomes: list[StageOutcome], metrics: dict) -> None:
     create_table_artifact(table=metrics_rows(metrics), key=METRICS_ARTIFACT_KEY, description="test metrics")
 
 
+def publish_failure(outcomes: list[StageOutcome], error: Exception) -> None:
+    """Publish a failed run's summary under the run artifact's key (the metrics table stays the last good one)."""
+    create_markdown_artifact(
+        markdown=failure_markdown(outcomes, error), key=RUN_ARTIFACT_KEY, description="failed: where and why"
+    )
+
+
 def ensure_source(root: Path, ingest) -> None:
     """Bring the dataset source in when missing: `dvc pull` its pointer, or download its URL."""
     source = root / ingest.source
@@ -222,23 +299,36 @@ def ensure_source(root: Path, ingest) -> None:
         return
     if pointer.exists():
         get_run_logger().info("pulling %s with DVC", pointer.relative_to(root))
-        subprocess.run([sys.executable, "-m", "dvc", "pull", str(pointer)], cwd=root, check=True)
+        pulled = subprocess.run(
+            [sys.executable, "-m", "dvc", "pull", str(pointer)], cwd=root, capture_output=True, text=True
+        )
+        if pulled.returncode != 0 or not source.exists():
+            raise DataError(f"{pointer}: `dvc pull` could not bring {ingest.source} in: {pulled.stderr.strip()}")
     else:
         fetch_source(ingest.model_copy(update={"source": source}))
 
 
 def main() -> None:
     """Entry point for `python -m flows.pipeline`."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml", help="params file, relative to the project root")
-    arguments = parser.parse_args()
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog="Params come from params.yaml in the project root; try other values with `dvc exp run -S key=value`.",
+    )
+    parser.parse_args()
     # Exit through Python on SIGTERM so Prefect stops its temporary server instead of orphaning it.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
-        cifar10_pipeline(params_path=arguments.params)
+        cifar10_pipeline()
     except (ParamsError, DataError, StageFailedError, PipelineBusyError) as error:
         print(f"error: {error}", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT if isinstance(error, ParamsError | DataError) else 1)
+        sys.exit(exit_status(error))
+
+
+def exit_status(error: Exception) -> int:
+    """The flow command's exit status for an error: 2 bad input, 75 busy, 1 any other failure."""
+    if isinstance(error, ParamsError | DataError | StageBadInputError):
+        return EXIT_BAD_INPUT
+    return EXIT_BUSY if isinstance(error, PipelineBusyError) else 1
 
 
 if __name__ == "__main__":

@@ -19,8 +19,18 @@ from pathlib import Path
 from tasks.params import flatten_params
 
 WORKSPACE = "workspace"
-METRICS_FILE = "artifacts/metrics/metrics.json"
-HEADLINE_METRICS = ("test.accuracy", "test.loss", "test.macro_f1", "val_accuracy", "val_loss", "best_epoch")
+# Found by name among the stages' outputs: their folders are params.yaml's paths.*, as DVC loaded them.
+METRICS_NAME = "metrics.json"
+PREDICTIONS_NAME = "predictions.csv"  # the confusion plot's data
+HEADLINE_METRICS = (
+    "test.accuracy",
+    "test.crossentropy",
+    "test.macro_f1",
+    "validation.accuracy",
+    "validation.crossentropy",
+    "best_epoch",
+)
+CURVE_PLOTS = ("Cross-entropy", "Accuracy")  # dvc.yaml's per-epoch plots
 
 
 class ReportError(RuntimeError):
@@ -71,10 +81,13 @@ def stage_snapshots(root: Path, revs: list[str]) -> dict[str, dict[str, StageSna
 
     snapshots = {}
     with Repo(str(root)) as repo:
-        for rev in repo.brancher(revs=[rev for rev in revs if rev != WORKSPACE]):
-            if rev == WORKSPACE and WORKSPACE not in revs:
+        for names in repo.brancher(revs=[rev for rev in revs if rev != WORKSPACE]):
+            # The brancher visits a commit once, named by every rev that points at it ("main,HEAD").
+            wanted = [name for name in names.split(",") if name in revs]
+            if not wanted:
                 continue
-            snapshots[rev] = {stage.name: _snapshot(stage) for stage in repo.index.stages if stage.cmd}
+            stages = {stage.name: _snapshot(stage) for stage in repo.index.stages if stage.cmd}
+            snapshots.update(dict.fromkeys(wanted, stages))
     missing = [rev for rev in revs if rev not in snapshots]
     if missing:
         raise ReportError(f"could not load the pipeline at {missing}")
@@ -93,7 +106,7 @@ def explain_reruns(base: dict[str, StageSnapshot], new: dict[str, StageSnapshot]
     Stages come in dvc.yaml's order, which lists producers before consumers, so an upstream
     stage's root causes are known by the time its outputs show up as a changed dependency.
     """
-    producers = {out: name for name, stage in new.items() for out in stage.outs}
+    outputs = [(out, name) for name, stage in new.items() for out in stage.outs]
     reruns: dict[str, Rerun] = {}
     for name, stage in new.items():
         before = base.get(name)
@@ -111,7 +124,7 @@ def explain_reruns(base: dict[str, StageSnapshot], new: dict[str, StageSnapshot]
         for path in sorted(set(before.deps) | set(stage.deps)):
             if before.deps.get(path) == stage.deps.get(path):
                 continue
-            producer = producers.get(path)
+            producer = producer_of(path, outputs)
             if producer is not None:
                 reasons.append(f"`{path}` changed (output of {producer})")
                 roots.extend(reruns[producer].root_causes if producer in reruns else [f"{producer} output"])
@@ -121,6 +134,19 @@ def explain_reruns(base: dict[str, StageSnapshot], new: dict[str, StageSnapshot]
         if reasons:
             reruns[name] = Rerun(reasons, list(dict.fromkeys(roots)))
     return reruns
+
+
+def producer_of(path: str, outputs: list[tuple[str, str]]) -> str | None:
+    """The stage whose output is `path` or a folder holding it (data/prepared for data/prepared/x.npz)."""
+    for out, stage in outputs:
+        if path == out or path.startswith(out.rstrip("/") + "/"):
+            return stage
+    return None
+
+
+def output_named(stages: dict[str, StageSnapshot], name: str) -> str | None:
+    """The path of the stage output called `name` (metrics.json, ...), as declared at that revision."""
+    return next((out for stage in stages.values() for out in stage.outs if Path(out).name == name), None)
 
 
 # ---- plots ----
@@ -138,7 +164,7 @@ def render_training_curves(plots: dict, path: Path) -> Path | None:
     """Loss and accuracy per epoch, base and new overlaid."""
     import matplotlib.pyplot as plt
 
-    panels = [name for name in ("Loss", "Accuracy") if name in plots]
+    panels = [name for name in CURVE_PLOTS if name in plots]
     if not panels:
         return None
     figure, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
@@ -160,14 +186,14 @@ def render_training_curves(plots: dict, path: Path) -> Path | None:
     return path
 
 
-def render_confusions(plots: dict, out: Path) -> dict[str, Path]:
-    """One confusion-matrix image per revision, from DVC's confusion plot data."""
+def render_confusions(plots: dict, predictions: str | None, out: Path) -> dict[str, Path]:
+    """One confusion-matrix image per revision, from DVC's confusion plot data of `predictions`."""
     import matplotlib.pyplot as plt
     import numpy as np
 
-    if "Confusion" not in plots:
+    if predictions not in plots:
         return {}
-    rows = plots["Confusion"][0]["content"]["data"]["values"]
+    rows = plots[predictions][0]["content"]["data"]["values"]
     classes = sorted({row["actual"] for row in rows} | {row["predicted"] for row in rows})
     index = {name: position for position, name in enumerate(classes)}
     images = {}
@@ -214,8 +240,8 @@ def params_section(diff: dict) -> list[str]:
     return lines
 
 
-def metrics_section(diff: dict) -> list[str]:
-    metrics = diff.get(METRICS_FILE, {})
+def metrics_section(diff: dict, path: str | None) -> list[str]:
+    metrics = diff.get(path, {})
     if not metrics:
         return ["No metrics found in either revision."]
     lines = ["| metric | old | new | change |", "| --- | --- | --- | --- |"]
@@ -257,9 +283,9 @@ def build_report(root: Path, base: str, rev: str, out: Path) -> Path:
     reruns = explain_reruns(snapshots[base], snapshots[rev])
 
     curves = render_training_curves(plot_data, out / "training_curves.png")
-    confusions = render_confusions(plot_data, out)
+    confusions = render_confusions(plot_data, output_named(snapshots[rev], PREDICTIONS_NAME), out)
     lines = [f"# Pipeline report: `{rev}` against `{base}`", "", "## Params", "", *params_section(params)]
-    lines += ["", "## Metrics", "", *metrics_section(metrics)]
+    lines += ["", "## Metrics", "", *metrics_section(metrics, output_named(snapshots[rev], METRICS_NAME))]
     lines += ["", "## Stages", "", *reruns_section(reruns, list(snapshots[rev]))]
     lines += ["", "## Plots", ""]
     if curves:

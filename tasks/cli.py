@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
 import os
+import re
 import sys
+import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -16,6 +19,42 @@ StageRun = Callable[[Params], list[Path]]
 
 # Exit status for bad input (params or data), told apart from crashes (1) for callers.
 EXIT_BAD_INPUT = 2
+
+
+# TensorFlow's native start-up lines that report no problem: INFO/WARNING lines written before
+# absl logging starts (so TF_CPP_MIN_LOG_LEVEL cannot hide them), the failed CUDA probe of a
+# machine without a GPU, and a tf.data graph-rewrite notice. Both of the latter say "E" (error);
+# users read them as errors. Every other line, E or F level included, still passes.
+HARMLESS_NATIVE_LOG = re.compile(
+    r"^WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR$"
+    r"|^[IW]\d{4} [\d:.]+ +\d+ \S+:\d+\] "
+    r"|^E\d{4} [\d:.]+ +\d+ cuda_\w+\.cc:\d+\] failed call to cuInit: "
+    r"|^E\d{4} .*NodeDef mentions attribute use_unbounded_threadpool"
+)
+
+
+def filter_native_stderr() -> None:
+    """Route file descriptor 2 through a thread that drops HARMLESS_NATIVE_LOG lines until exit."""
+    sink, saved = os.dup(2), os.dup(2)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+
+    def pump() -> None:
+        with open(read_end, "rb") as lines, open(sink, "wb", buffering=0) as out:
+            for line in lines:
+                if not HARMLESS_NATIVE_LOG.search(line.decode(errors="replace").rstrip("\n")):
+                    out.write(line)
+
+    thread = threading.Thread(target=pump, name="stderr-filter", daemon=True)
+    thread.start()
+
+    def restore() -> None:
+        sys.stderr.flush()
+        os.dup2(saved, 2)  # closes the pipe's last write end: the pump drains and stops
+        thread.join(timeout=10)
+
+    atexit.register(restore)
 
 
 def configure_logging() -> None:
@@ -34,10 +73,11 @@ def run_stage(commands: StageRun | Mapping[str, StageRun], description: str | No
             parser.add_argument(f"--{name}", action="store_true", help=(command.__doc__ or "").splitlines()[0])
     arguments = parser.parse_args()
     chosen = next((name for name in commands if name != "run" and getattr(arguments, name)), "run")
+    filter_native_stderr()
     configure_logging()
     # Hide TensorFlow's C++ INFO/WARNING banners (CUDA probing, oneDNN notes); errors still show.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    # oneDNN kernels are only on by default for AVX-512 CPUs; on this AVX2 machine they halve
+    # oneDNN kernels are only on by default for AVX-512 CPUs; on AVX2 machines they halve
     # conv training time (measured in docs/speed.md). Set before TensorFlow is first imported.
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
     try:

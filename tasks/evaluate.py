@@ -21,13 +21,13 @@ SAMPLE_GRID = (3, 12)  # rows x columns of test images, as the tutorial shows 36
 @dataclass(frozen=True)
 class Scores:
     accuracy: float
-    loss: float
+    crossentropy: float  # plain (not label-smoothed), as the history's val_crossentropy
     per_class: pd.DataFrame  # class, precision, recall, f1, support
     confusion: np.ndarray  # [actual, predicted] counts
 
 
 def score_predictions(probabilities: np.ndarray, labels: np.ndarray, class_names: list[str]) -> Scores:
-    """Accuracy, cross-entropy, per-class precision/recall/F1 and the confusion matrix."""
+    """Accuracy, plain cross-entropy, per-class precision/recall/F1 and the confusion matrix."""
     num_classes = len(class_names)
     if probabilities.shape != (labels.size, num_classes):
         raise ValueError(f"probabilities have shape {probabilities.shape}, expected ({labels.size}, {num_classes})")
@@ -48,14 +48,18 @@ def score_predictions(probabilities: np.ndarray, labels: np.ndarray, class_names
     )
     return Scores(
         accuracy=float((predicted == labels).mean()),
-        loss=float(-np.log(picked).mean()),
+        crossentropy=float(-np.log(picked).mean()),
         per_class=per_class,
         confusion=confusion,
     )
 
 
 def metrics_summary(scores: Scores, best: dict) -> dict:
-    """The metrics file: test figures, per-class figures and where the model came from."""
+    """The metrics file: test figures, per-class figures, and the selected epoch's validation figures.
+
+    Test and validation cross-entropy are the same function (plain, not label-smoothed), so they
+    compare; the label-smoothed training objective is left in history.csv, where it is named loss.
+    """
     per_class = {
         row["class"]: {key: round(float(row[key]), 4) for key in ("precision", "recall", "f1")}
         for row in scores.per_class.to_dict("records")
@@ -63,13 +67,15 @@ def metrics_summary(scores: Scores, best: dict) -> dict:
     return {
         "test": {
             "accuracy": round(scores.accuracy, 4),
-            "loss": round(scores.loss, 4),
+            "crossentropy": round(scores.crossentropy, 4),
             "macro_f1": round(float(scores.per_class["f1"].mean()), 4),
         },
         "per_class": per_class,
         "best_epoch": best["epoch"],
-        "val_accuracy": round(best["val_accuracy"], 4),
-        "val_loss": round(best["val_loss"], 4),
+        "validation": {
+            "accuracy": round(best["val_accuracy"], 4),
+            "crossentropy": round(best["val_crossentropy"], 4),
+        },
     }
 
 
@@ -91,11 +97,11 @@ def _save_figure(figure, path: Path) -> Path:
 
 
 def plot_training_curves(history: pd.DataFrame, best_epoch: int, path: Path) -> Path:
-    """Loss and accuracy per epoch, train and validation, with the selected epoch marked."""
+    """Cross-entropy and accuracy per epoch, train and validation, with the selected epoch marked."""
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for axis, metric in zip(axes, ("loss", "accuracy"), strict=True):
+    for axis, metric in zip(axes, ("crossentropy", "accuracy"), strict=True):
         axis.plot(history["epoch"], history[metric], marker="o", label=f"train {metric}")
         axis.plot(history["epoch"], history[f"val_{metric}"], marker="o", label=f"validation {metric}")
         axis.axvline(best_epoch, color="grey", linestyle="--", label=f"selected epoch {best_epoch}")
@@ -180,7 +186,7 @@ def run(params: Params) -> list[Path]:
             paths.plots / "sample_predictions.png",
         ),
     ]
-    log.info("test accuracy %.4f, loss %.4f", scores.accuracy, scores.loss)
+    log.info("test accuracy %.4f, cross-entropy %.4f", scores.accuracy, scores.crossentropy)
     return written
 
 

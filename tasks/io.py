@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 import zipfile
 from collections.abc import Iterator, Mapping
@@ -29,7 +30,8 @@ class DataError(ValueError):
     """An input file is missing, corrupt or not what the stage expected."""
 
 
-def _current_umask() -> int:
+def current_umask() -> int:
+    """The process's umask (reading it means setting it, so it is set straight back)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -43,7 +45,7 @@ def atomic_path(final: str | Path, suffix: str = "") -> Iterator[Path]:
     handle, name = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=f".tmp{suffix}")
     os.close(handle)
     temporary = Path(name)
-    os.chmod(temporary, 0o666 & ~_current_umask())  # mkstemp makes 0600; give the usual mode
+    os.chmod(temporary, 0o666 & ~current_umask())  # mkstemp makes 0600; give the usual mode
     try:
         yield temporary
         with open(temporary, "rb+") as written:
@@ -69,6 +71,22 @@ def verify_sha256(path: str | Path, expected: str) -> None:
         raise DataError(
             f"{path}: sha256 is {actual}, expected {expected}; the file is corrupt or not the one pinned in params"
         )
+
+
+def copy_verified(source: str | Path, sha256: str, destination: str | Path) -> str:
+    """Copy `source` to `destination` atomically, only if the copy's sha256 is `sha256` (recorded when it was made)."""
+    if not Path(source).is_file():
+        raise DataError(f"{source}: file not found (run the stage that writes it first)")
+    with atomic_path(destination, suffix=Path(destination).suffix) as temporary:
+        shutil.copyfile(source, temporary)
+        # Hash the copy, not the source: what lands is exactly what was checked.
+        copied = sha256_file(temporary)
+        if copied != sha256:
+            raise DataError(
+                f"{source}: sha256 is {copied}, expected {sha256} (recorded when it was written); "
+                "it was changed afterwards: rerun the stage that wrote it"
+            )
+    return copied
 
 
 def write_json(path: str | Path, payload: object) -> Path:
@@ -184,4 +202,10 @@ def load_model(path: str | Path, sha256: str | None = None):
         raise DataError(f"{path}: model file not found (run the train stage first)")
     if sha256 is not None:
         verify_sha256(path, sha256)
-    return keras.saving.load_model(path, safe_mode=True)
+    try:
+        return keras.saving.load_model(path, safe_mode=True)
+    except ValueError as error:
+        if "safe_mode" not in str(error):
+            raise
+        # Safe mode refuses layers that carry code (Lambda): such a file could run anything on load.
+        raise DataError(f"{path}: refused: the model holds code that only loads outside safe mode ({error})") from None

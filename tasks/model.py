@@ -99,6 +99,7 @@ def _speed_block(x, width: int, name: str):
     return _norm_gelu(x)
 
 
+SPEED_CNN_WIDTHS = (32, 128, 128)
 STEM_KERNEL = 2
 STEM_WIDTH = 2 * 3 * STEM_KERNEL**2  # each whitening direction and its negative
 
@@ -107,7 +108,7 @@ def build_speed_cnn(
     input_shape: tuple[int, int, int],
     num_classes: int,
     *,
-    widths: tuple[int, ...] = (32, 128, 128),
+    widths: tuple[int, ...] = SPEED_CNN_WIDTHS,
     flip: bool = False,
     translate: int = 0,
     test_time_flip: bool = False,
@@ -160,10 +161,23 @@ def whitening_kernel(images: np.ndarray, kernel_size: int = STEM_KERNEL, epsilon
     return np.concatenate([kernel, -kernel], axis=-1).astype(np.float32)
 
 
-def initialize_speed_cnn(model: keras.Model, images: np.ndarray) -> None:
-    """Whitening stem from `images`; each 3x3 conv starts as identity on its first input channels."""
-    # airbench's sample size: the 12x12 covariance settles well before 5,000 images.
-    model.get_layer("whitening").set_weights([whitening_kernel(images[:5000])])
+# airbench's sample size: the 12x12 patch covariance settles well before 5,000 images.
+WHITENING_SAMPLE_SIZE = 5000
+
+
+def whitening_sample(count: int, seed: int, size: int = WHITENING_SAMPLE_SIZE) -> np.ndarray:
+    """Sorted indices of a seeded uniform sample of `size` of `count` images (all when fewer).
+
+    Never a prefix: the training arrays are in class order, and the first 5,000 are 90% one class.
+    """
+    if count <= size:
+        return np.arange(count)
+    return np.sort(np.random.default_rng(seed).choice(count, size=size, replace=False))
+
+
+def initialize_speed_cnn(model: keras.Model, images: np.ndarray, seed: int) -> None:
+    """Whitening stem from a seeded sample of `images`; each 3x3 conv starts as identity on its first channels."""
+    model.get_layer("whitening").set_weights([whitening_kernel(images[whitening_sample(len(images), seed)])])
     for layer in model.layers:
         if isinstance(layer, layers.Conv2D) and layer.name.startswith("block"):
             kernel = layer.get_weights()[0]
@@ -189,7 +203,7 @@ def build_model(name: str, input_shape: tuple[int, int, int], num_classes: int, 
     return builder(input_shape, num_classes, **options)
 
 
-def initialize_from_data(name: str, model: keras.Model, images) -> None:
+def initialize_from_data(name: str, model: keras.Model, images: np.ndarray, seed: int) -> None:
     """Set the data-derived starting weights of the named architecture, if it has any."""
     if name in DATA_INITIALIZERS:
-        DATA_INITIALIZERS[name](model, images)
+        DATA_INITIALIZERS[name](model, images, seed)

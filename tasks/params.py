@@ -32,6 +32,9 @@ class PathsParams(_Section):
     model: Path
     metrics: Path
     plots: Path
+    # Resume state of a training run (checkpoints so far): outside every DVC output, so
+    # DVC's run cache stays on for train and a killed run still finds its epochs.
+    resume: Path
 
 
 class IngestParams(_Section):
@@ -67,20 +70,36 @@ class TrainParams(_Section):
     batch_size: PositiveInt
     epochs: PositiveInt
     # The speed recipe's keys; their defaults leave the tutorial's training exactly as it was.
-    widths: Annotated[list[PositiveInt], Field(min_length=1, max_length=4)] = [32, 128, 128]
+    # speed_cnn only (null: its default, SPEED_CNN_WIDTHS).
+    widths: Annotated[list[PositiveInt], Field(min_length=1, max_length=4)] | None = None
     momentum: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)] = 0.0
     weight_decay: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
     label_smoothing: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)] = 0.0
     # null: constant learning rate; a fraction: linear warm-up over that share of steps, then cosine to 0.
     warmup_fraction: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)] | None = None
+    # speed_cnn only: random training-time flips and shifts inside the model.
     augment: AugmentParams = AugmentParams()
     # speed_cnn only: predict each image as the mean of it and its mirror image (validation and test).
     test_time_flip: bool = False
 
     @model_validator(mode="after")
     def _check_speed_only_keys(self) -> TrainParams:
-        if self.test_time_flip and self.model != "speed_cnn":
-            raise ValueError(f"train.test_time_flip needs model speed_cnn, not {self.model}")
+        # A key the chosen model would ignore is an error, never a silent no-op.
+        if self.model != "speed_cnn":
+            ignored = [
+                f"train.{key}"
+                for key, unset in (
+                    ("widths", self.widths is None),
+                    ("augment", self.augment == AugmentParams()),
+                    ("test_time_flip", not self.test_time_flip),
+                )
+                if not unset
+            ]
+            if ignored:
+                raise ValueError(
+                    f"{', '.join(ignored)} apply to model speed_cnn only; {self.model} would ignore them "
+                    "(use null, {flip: false, translate: 0} and false)"
+                )
         return self
 
 
@@ -92,7 +111,7 @@ TUTORIAL_TRAIN = {
     "learning_rate": 0.001,
     "batch_size": 32,
     "epochs": 20,
-    "widths": [32, 128, 128],
+    "widths": None,
     "momentum": 0.0,
     "weight_decay": 0.0,
     "label_smoothing": 0.0,
@@ -103,7 +122,9 @@ TUTORIAL_TRAIN = {
 
 
 class SelectBestParams(_Section):
-    monitor: Literal["val_loss", "val_accuracy"]
+    # val_loss is the training objective (label-smoothed when train.label_smoothing > 0);
+    # val_crossentropy is the plain cross-entropy, computed as evaluate computes the test's.
+    monitor: Literal["val_loss", "val_crossentropy", "val_accuracy"]
     mode: Literal["min", "max"]
 
 

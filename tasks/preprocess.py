@@ -57,6 +57,24 @@ def count_duplicates(x_train: np.ndarray, x_test: np.ndarray) -> dict:
     }
 
 
+# Images per chunk for the channel statistics: a few MiB of float64 at a time, not the whole set.
+STATISTICS_CHUNK = 256
+
+
+def channel_statistics(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and standard deviation of uint8 images, chunk by chunk in float64."""
+    channels = images.shape[-1]
+    total, squares, count = np.zeros(channels), np.zeros(channels), 0
+    for start in range(0, len(images), STATISTICS_CHUNK):
+        pixels = images[start : start + STATISTICS_CHUNK].reshape(-1, channels).astype(np.float64)
+        total += pixels.sum(axis=0)
+        squares += np.square(pixels).sum(axis=0)
+        count += pixels.shape[0]
+    mean = total / max(count, 1)
+    # uint8 values keep sum(x^2)/n - mean^2 exact enough in float64 (no catastrophic cancellation at 8 bits).
+    return mean, np.sqrt(np.maximum(squares / max(count, 1) - mean**2, 0.0))
+
+
 def prepare(arrays: dict[str, np.ndarray], class_names: list[str], origin: str) -> tuple[dict[str, np.ndarray], dict]:
     """Validate both splits and return the prepared arrays and a report."""
     num_classes = len(class_names)
@@ -71,15 +89,15 @@ def prepare(arrays: dict[str, np.ndarray], class_names: list[str], origin: str) 
         raise DataError(
             f"{origin}: train images are {prepared['x_train'].shape[1:]}, test {prepared['x_test'].shape[1:]}"
         )
-    train_pixels = prepared["x_train"].reshape(-1, 3).astype(np.float64)
+    mean, std = channel_statistics(prepared["x_train"])
     report = {
         "num_classes": num_classes,
         "class_names": class_names,
         "counts": {split: int(prepared[f"y_{split}"].shape[0]) for split in ("train", "test")},
         "duplicates": count_duplicates(prepared["x_train"], prepared["x_test"]),
         # Per-channel statistics of the training images, in 0..255 units.
-        "channel_mean": train_pixels.mean(axis=0).round(4).tolist(),
-        "channel_std": train_pixels.std(axis=0).round(4).tolist(),
+        "channel_mean": mean.round(4).tolist(),
+        "channel_std": std.round(4).tolist(),
     }
     return prepared, report
 

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 
 import pandas as pd
 
 from tasks.cli import run_stage
-from tasks.io import DataError, atomic_path, read_table, sha256_file, write_json
+from tasks.io import DataError, copy_verified, read_table, write_json
 from tasks.params import Params
-from tasks.train import checkpoint_name
+from tasks.train import RESUME_HISTORY, checkpoint_name
 
 log = logging.getLogger(__name__)
+
+SUMMARY_COLUMNS = ("val_loss", "val_accuracy", "val_crossentropy")  # copied into best.json
 
 
 def rank_checkpoints(history: pd.DataFrame, *, monitor: str, mode: str) -> pd.DataFrame:
@@ -26,25 +27,23 @@ def rank_checkpoints(history: pd.DataFrame, *, monitor: str, mode: str) -> pd.Da
 
 
 def run(params: Params) -> list[Path]:
-    """Copy the best checkpoint to artifacts/model and describe it in best.json."""
-    history_path = params.paths.training / "history.csv"
+    """Copy the best checkpoint to artifacts/model, verified against its training hash, and describe it in best.json."""
+    history_path = params.paths.checkpoints / RESUME_HISTORY
     history = read_table(history_path)
+    missing = sorted({"epoch", "sha256", *SUMMARY_COLUMNS, params.select_best.monitor} - set(history.columns))
+    if missing:
+        raise DataError(f"{history_path}: missing columns {missing}; found {list(history.columns)} (train writes them)")
     best = rank_checkpoints(history, monitor=params.select_best.monitor, mode=params.select_best.mode).iloc[0]
     epoch = int(best["epoch"])
-    checkpoint = params.paths.checkpoints / checkpoint_name(epoch)
-    if not checkpoint.is_file():
-        raise DataError(f"{checkpoint}: checkpoint of best epoch {epoch} (per {history_path}) is missing")
     model_path = params.paths.model / "model.keras"
-    with atomic_path(model_path, suffix=".keras") as temporary:
-        shutil.copyfile(checkpoint, temporary)
+    sha256 = copy_verified(params.paths.checkpoints / checkpoint_name(epoch), str(best["sha256"]), model_path)
     summary = {
         "epoch": epoch,
         "monitor": params.select_best.monitor,
         "mode": params.select_best.mode,
-        "val_loss": float(best["val_loss"]),
-        "val_accuracy": float(best["val_accuracy"]),
+        **{key: float(best[key]) for key in SUMMARY_COLUMNS},
         "epochs_trained": int(history["epoch"].max()),
-        "sha256": sha256_file(model_path),
+        "sha256": sha256,
     }
     log.info("best epoch %d: %s %.4f", epoch, params.select_best.monitor, best[params.select_best.monitor])
     return [model_path, write_json(params.paths.model / "best.json", summary)]

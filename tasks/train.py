@@ -5,21 +5,38 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from tasks.cli import run_stage
-from tasks.io import DataError, read_arrays, read_json, read_table, save_model, sha256_file, write_json, write_table
+from tasks.io import (
+    DataError,
+    copy_verified,
+    current_umask,
+    read_arrays,
+    read_json,
+    read_table,
+    save_model,
+    sha256_file,
+    write_json,
+    write_table,
+)
 from tasks.params import Params, TrainParams
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_PATTERN = re.compile(r"^epoch-(\d{3,})\.keras$")
 # No wall-clock column: the history is a DVC dependency and must be identical on a rerun.
-HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy")
+# loss is the training objective (label-smoothed when train.label_smoothing > 0); crossentropy
+# is plain cross-entropy, the figure evaluate reports for the test set.
+HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "crossentropy", "val_loss", "val_accuracy", "val_crossentropy")
+RESUME_HISTORY = "history.csv"  # HISTORY_COLUMNS plus each checkpoint's sha256, beside the checkpoints
 
 
 class TrainingDivergedError(DataError):
@@ -46,7 +63,7 @@ def resumable_history(checkpoints: Path, fingerprint: dict) -> list[dict]:
         for leftover in checkpoints.glob(".*.tmp*"):
             leftover.unlink()
     state = checkpoints / "fingerprint.json"
-    history_path = checkpoints / "history.csv"
+    history_path = checkpoints / RESUME_HISTORY
     if state.exists() and history_path.exists() and read_json(state) == fingerprint:
         history = read_table(history_path)
         saved = {int(match[1]) for path in checkpoints.iterdir() if (match := CHECKPOINT_PATTERN.match(path.name))}
@@ -82,7 +99,13 @@ def compile_model(model, train: TrainParams, *, steps_per_epoch: int) -> None:
         if train.label_smoothing
         else "sparse_categorical_crossentropy"
     )
-    model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"])
+    # Plain cross-entropy beside the objective: comparable with evaluate's test cross-entropy.
+    crossentropy = (
+        keras.metrics.CategoricalCrossentropy(name="crossentropy")
+        if train.label_smoothing
+        else keras.metrics.SparseCategoricalCrossentropy(name="crossentropy")
+    )
+    model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy", crossentropy])
 
 
 def training_targets(labels: np.ndarray, train: TrainParams, num_classes: int) -> np.ndarray:
@@ -94,10 +117,12 @@ def training_targets(labels: np.ndarray, train: TrainParams, num_classes: int) -
 
 def model_options(train: TrainParams) -> dict:
     """The architecture options a recipe passes to build_model (none for the tutorial's CNN)."""
+    from tasks.model import SPEED_CNN_WIDTHS
+
     if train.model == "tutorial_cnn":
         return {}
     return {
-        "widths": tuple(train.widths),
+        "widths": tuple(train.widths or SPEED_CNN_WIDTHS),
         "flip": train.augment.flip,
         "translate": train.augment.translate,
         "test_time_flip": train.test_time_flip,
@@ -122,7 +147,7 @@ def _epoch_checkpointer(checkpoints: Path, history: list[dict]):
             row["sha256"] = save_model(checkpoints / checkpoint_name(epoch + 1), self.model)
             history.append(row)
             # The history is written after the checkpoint: a row always has its checkpoint.
-            write_table(checkpoints / "history.csv", pd.DataFrame(history, columns=[*HISTORY_COLUMNS, "sha256"]))
+            write_table(checkpoints / RESUME_HISTORY, pd.DataFrame(history, columns=[*HISTORY_COLUMNS, "sha256"]))
 
     return EpochCheckpoint()
 
@@ -136,7 +161,7 @@ def fit(
     checkpoints: Path,
     fingerprint: dict,
 ) -> pd.DataFrame:
-    """Fit from scratch or from the last completed epoch; return the per-epoch history."""
+    """Fit from scratch or from the last completed epoch in `checkpoints`; return the history with sha256s."""
     import keras
     import tensorflow as tf
 
@@ -158,7 +183,7 @@ def fit(
     else:
         write_json(checkpoints / "fingerprint.json", fingerprint)
         model = build_model(train.model, arrays["x_train"].shape[1:], num_classes, **model_options(train))
-        initialize_from_data(train.model, model, arrays["x_train"])
+        initialize_from_data(train.model, model, arrays["x_train"], seed)
         compile_model(model, train, steps_per_epoch=math.ceil(arrays["y_train"].size / train.batch_size))
     if start_epoch < train.epochs:
         model.fit(
@@ -172,17 +197,36 @@ def fit(
             callbacks=[_epoch_checkpointer(checkpoints, history)],
             verbose=2,
         )
-    return pd.DataFrame(history, columns=HISTORY_COLUMNS).query("epoch <= @train.epochs")
+    return pd.DataFrame(history, columns=[*HISTORY_COLUMNS, "sha256"]).query("epoch <= @train.epochs")
 
 
 def code_fingerprint() -> str:
-    """sha256 over the source of the modules that define training."""
-    from tasks import model
+    """sha256 over the source of every module training runs: the train stage's code deps in dvc.yaml."""
+    from tasks import cli, io, model
+    from tasks import params as params_module
 
     digest = hashlib.sha256()
-    for module_file in sorted({Path(__file__), Path(model.__file__)}):
+    for module_file in sorted(Path(module.__file__) for module in (cli, io, model, params_module)):
         digest.update(module_file.read_bytes())
+    digest.update(Path(__file__).read_bytes())
     return digest.hexdigest()
+
+
+def publish_checkpoints(resume: Path, history: pd.DataFrame, destination: Path) -> Path:
+    """Copy the run's checkpoints and history (with sha256s) into the stage's output folder, whole or not at all."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=destination.parent, prefix=f".{destination.name}.", suffix=".tmp"))
+    try:
+        for row in history.itertuples():
+            name = checkpoint_name(int(row.epoch))
+            copy_verified(resume / name, row.sha256, staging / name)
+        write_table(staging / RESUME_HISTORY, history)
+        os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes 0700; give the usual mode
+        shutil.rmtree(destination, ignore_errors=True)
+        os.replace(staging, destination)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return destination
 
 
 def run(params: Params) -> list[Path]:
@@ -209,10 +253,13 @@ def run(params: Params) -> list[Path]:
         train=params.train,
         seed=params.seed,
         num_classes=num_classes,
-        checkpoints=params.paths.checkpoints,
+        checkpoints=params.paths.resume,
         fingerprint=fingerprint,
     )
-    return [params.paths.checkpoints, write_table(params.paths.training / "history.csv", history)]
+    return [
+        publish_checkpoints(params.paths.resume, history, params.paths.checkpoints),
+        write_table(params.paths.training / "history.csv", history.drop(columns="sha256")),
+    ]
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ CLASS_NAMES = ("circle", "cross", "square", "stripes")
 TRAIN_PER_CLASS, TEST_PER_CLASS = 12, 4
 DVC = [sys.executable, "-m", "dvc"]
 FLOW = [sys.executable, "-m", "flows.pipeline"]
-PROJECT_FILES = ("tasks", "flows", "review", "dvc.yaml", "params.yaml", "pyproject.toml")
+PROJECT_FILES = ("tasks", "flows", "review", "dvc.yaml", "params.yaml", "pyproject.toml", ".gitignore")
 
 
 def class_template(label: int, size: int = 32) -> np.ndarray:

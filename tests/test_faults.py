@@ -9,76 +9,142 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
 
+from tasks.io import copy_verified, sha256_file
 from tests.conftest import DVC, FLOW, edit_params, project_environment, ran_stages, run_command
 
-# Loaded by every Python process of the stage: when tasks.io is about to rename a finished
-# temporary file onto FAULT_AT_RENAME (a file name), i.e. mid-write, SIGKILL this process
-# (FAULT=kill) or hold still (FAULT=pause, FAULT_PAUSE_S seconds) so another run collides with it.
-FAULT_AT_RENAME = """
+# Loaded by every Python process of the stage (as sitecustomize.py); each fault is chosen by
+# environment variables and lands at one exact point, so no test depends on timing:
+# - FAULT_AT_RENAME=<file name> [FAULT_AT_COUNT=n]: when tasks.io is about to rename a finished
+#   temporary file onto that name for the n-th time, SIGKILL this process (FAULT=kill) or hold
+#   still (FAULT=pause, FAULT_PAUSE_S seconds) so another run collides with it.
+# - FAULT_MID_WRITE=<file name>: SIGKILL after the first two members of a Keras archive have
+#   gone into that file's temporary copy: the temporary file is half written.
+# - FAULT_AT_BATCH=<epoch>:<batch> (1-based): SIGKILL when training finishes that batch (Keras'
+#   callback list is patched: the stage module runs as __main__, so it cannot be patched by name).
+FAULT_HOOKS = """
 import os, signal, sys, time
 
-target = os.environ.get("FAULT_AT_RENAME")
-if target:
+def _die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+rename_target = os.environ.get("FAULT_AT_RENAME")
+mid_write = os.environ.get("FAULT_MID_WRITE")
+at_batch = os.environ.get("FAULT_AT_BATCH")
+
+if mid_write:
+    import zipfile
+
+    real_writestr = zipfile.ZipFile.writestr
+    written = []
+
+    def writestr(self, *args, **kwargs):
+        result = real_writestr(self, *args, **kwargs)
+        if os.path.basename(str(self.filename)).startswith("." + mid_write + "."):
+            written.append(1)
+            if len(written) == 2:
+                self.fp.flush()
+                _die()
+        return result
+
+    zipfile.ZipFile.writestr = writestr
+
+if rename_target or at_batch:
     import importlib.abc, importlib.util
 
     class _Patch(importlib.abc.MetaPathFinder):
+        wanted = {"tasks.io"} if rename_target else set()
+        wanted |= {"keras.src.callbacks.callback_list"} if at_batch else set()
+
         def find_spec(self, name, path=None, target_=None):
-            if name != "tasks.io":
+            if name not in self.wanted:
                 return None
-            sys.meta_path.remove(self)
+            self.wanted.discard(name)
+            if not self.wanted:
+                sys.meta_path.remove(self)
             spec = importlib.util.find_spec(name)
-            loader = spec.loader
-            original_exec = loader.exec_module
+            original_exec = spec.loader.exec_module
 
             def exec_module(module):
                 original_exec(module)
-                real_replace = module.os.replace
+                (_patch_io if name == "tasks.io" else _patch_callbacks)(module)
 
-                class _Os:
-                    def __getattr__(self, attr):
-                        return getattr(os, attr)
-
-                    @staticmethod
-                    def replace(source, destination):
-                        if os.path.basename(str(destination)) == target:
-                            if os.environ.get("FAULT") == "pause":
-                                time.sleep(float(os.environ.get("FAULT_PAUSE_S", "20")))
-                            else:
-                                os.kill(os.getpid(), signal.SIGKILL)
-                        return real_replace(source, destination)
-
-                module.os = _Os()
-
-            loader.exec_module = exec_module
+            spec.loader.exec_module = exec_module
             return spec
+
+    def _patch_io(module):
+        real_replace = module.os.replace
+        landed = []
+
+        class _Os:
+            def __getattr__(self, attr):
+                return getattr(os, attr)
+
+            @staticmethod
+            def replace(source, destination):
+                if os.path.basename(str(destination)) == rename_target:
+                    landed.append(1)
+                    if len(landed) == int(os.environ.get("FAULT_AT_COUNT", "1")):
+                        if os.environ.get("FAULT") == "pause":
+                            time.sleep(float(os.environ.get("FAULT_PAUSE_S", "20")))
+                        else:
+                            _die()
+                return real_replace(source, destination)
+
+        module.os = _Os()
+
+    def _patch_callbacks(module):
+        # Keras calls these on the list of all callbacks, once per epoch and once per batch.
+        epoch_wanted, batch_wanted = (int(part) for part in at_batch.split(":"))
+        real_epoch_begin = module.CallbackList.on_epoch_begin
+        real_batch_end = module.CallbackList.on_train_batch_end
+        current = [0]
+
+        def on_epoch_begin(self, epoch, logs=None):
+            current[0] = epoch + 1
+            return real_epoch_begin(self, epoch, logs)
+
+        def on_train_batch_end(self, batch, logs=None):
+            if (current[0], batch + 1) == (epoch_wanted, batch_wanted):
+                _die()
+            return real_batch_end(self, batch, logs)
+
+        module.CallbackList.on_epoch_begin = on_epoch_begin
+        module.CallbackList.on_train_batch_end = on_train_batch_end
 
     sys.meta_path.insert(0, _Patch())
 """
 
 
-def environment_with_fault(project: Path, file_name: str, fault: str = "kill", pause_s: float = 20) -> dict[str, str]:
-    """Environment whose Python processes SIGKILL themselves (or pause) when about to land `file_name`."""
+def environment_with_fault(project: Path, **faults: str | int | float) -> dict[str, str]:
+    """Environment whose Python processes meet the FAULT_HOOKS faults named by `faults` (FAULT_AT_RENAME=...)."""
     hooks = project.parent / "hooks"
     hooks.mkdir(exist_ok=True)
-    (hooks / "sitecustomize.py").write_text(FAULT_AT_RENAME)
+    (hooks / "sitecustomize.py").write_text(FAULT_HOOKS)
     environment = project_environment(project.parent)
-    environment.update(PYTHONPATH=str(hooks), FAULT_AT_RENAME=file_name, FAULT=fault, FAULT_PAUSE_S=str(pause_s))
+    environment.update(PYTHONPATH=str(hooks), **{key: str(value) for key, value in faults.items()})
     return environment
 
 
-def checkpoint_history(project: Path) -> list[int]:
-    return pd.read_csv(project / "artifacts/checkpoints/history.csv")["epoch"].tolist()
+RESUME = Path("artifacts/resume")
+CHECKPOINTS = Path("artifacts/checkpoints")
+
+
+def checkpoint_history(project: Path, folder: Path = RESUME) -> list[int]:
+    return pd.read_csv(project / folder / "history.csv")["epoch"].tolist()
+
+
+def checkpoint_bytes(project: Path, epochs, folder: Path = RESUME) -> list[bytes]:
+    return [(project / folder / f"epoch-{epoch:03d}.keras").read_bytes() for epoch in epochs]
 
 
 # Flow runs report to one real Prefect server for the session instead of starting their own.
@@ -89,43 +155,116 @@ def command_for(entry_point: str) -> list[str]:
     return [*DVC, "repro"] if entry_point == "dvc" else FLOW
 
 
-def assert_resumes(project: Path, command: list[str], *, last_done: int, epochs: int) -> None:
-    """Rerunning resumes after epoch `last_done`, finishes all `epochs`, and leaves DVC clean."""
-    resumed = run_command(command, project)
-    output = resumed.stdout + resumed.stderr
-    assert "resuming from" in output and f"epoch {last_done} of {epochs}" in output
-    assert checkpoint_history(project) == list(range(1, epochs + 1))
-    assert not [path.name for path in (project / "artifacts/checkpoints").iterdir() if ".tmp" in path.name]
-    assert "up to date" in run_command([*DVC, "status"], project).stdout
-
-
-@pytest.mark.parametrize("entry_point", ["dvc", "flow"])
-def test_kill_during_checkpoint_write_then_resume(project, entry_point):
-    edit_params(project, "train", epochs=4)
+def kill_and_resume(project: Path, entry_point: str, *, epochs: int, last_done: int, **fault) -> None:
+    """Run with `fault` (which kills training), check nothing was lost, resume, check the same again."""
+    edit_params(project, "train", epochs=epochs)
     lock_before = (project / "dvc.lock").read_bytes()
     command = command_for(entry_point)
     killed = subprocess.run(
-        command, cwd=project, env=environment_with_fault(project, "epoch-003.keras"), capture_output=True, text=True
+        command, cwd=project, env=environment_with_fault(project, **fault), capture_output=True, text=True
     )
     assert killed.returncode != 0
     if entry_point == "flow":
         assert "stage train failed" in killed.stdout + killed.stderr  # the failed run names its stage
     assert (project / "dvc.lock").read_bytes() == lock_before
-    assert checkpoint_history(project) == [1, 2]  # epoch 3 died mid-write: no row, no checkpoint
-    assert not (project / "artifacts/checkpoints/epoch-003.keras").exists()
-    first_two = [(project / f"artifacts/checkpoints/epoch-00{n}.keras").read_bytes() for n in (1, 2)]
+    assert checkpoint_history(project) == list(range(1, last_done + 1))
+    kept = checkpoint_bytes(project, range(1, last_done + 1))
 
-    assert_resumes(project, command, last_done=2, epochs=4)
-    assert [(project / f"artifacts/checkpoints/epoch-00{n}.keras").read_bytes() for n in (1, 2)] == first_two
+    resumed = run_command(command, project)
+    output = resumed.stdout + resumed.stderr
+    assert "resuming from" in output and f"epoch {last_done} of {epochs}" in output
+    assert checkpoint_history(project) == checkpoint_history(project, CHECKPOINTS) == list(range(1, epochs + 1))
+    # Epochs from before the kill are the very bytes written then, in the resume state and the output.
+    assert checkpoint_bytes(project, range(1, last_done + 1)) == kept
+    assert checkpoint_bytes(project, range(1, last_done + 1), CHECKPOINTS) == kept
+    assert not [path.name for path in (project / RESUME).iterdir() if ".tmp" in path.name]
+    assert "up to date" in run_command([*DVC, "status"], project).stdout
+
+
+@pytest.mark.parametrize("entry_point", ["dvc", "flow"])
+def test_kill_mid_checkpoint_write_then_resume(project, entry_point):
+    kill_and_resume(project, entry_point, epochs=4, last_done=2, FAULT_MID_WRITE="epoch-003.keras")
+
+
+def test_kill_mid_write_leaves_a_half_written_temporary_file_only(project):
+    edit_params(project, "train", epochs=4)
+    killed = subprocess.run(
+        [*DVC, "repro"],
+        cwd=project,
+        env=environment_with_fault(project, FAULT_MID_WRITE="epoch-003.keras"),
+        capture_output=True,
+        text=True,
+    )
+    assert killed.returncode != 0
+    (partial,) = (project / RESUME).glob(".epoch-003.keras.*.tmp.keras")
+    assert partial.stat().st_size > 0  # the kill landed inside the write, not after it
+    with pytest.raises(zipfile.BadZipFile):
+        zipfile.ZipFile(partial)
+    assert not (project / RESUME / "epoch-003.keras").exists()
+
+
+@pytest.mark.parametrize("entry_point", ["dvc", "flow"])
+def test_kill_during_an_epoch_then_resume(project, entry_point):
+    # Killed after batch 2 of epoch 3 (each epoch has 36 / 8 = 5 batches).
+    kill_and_resume(project, entry_point, epochs=4, last_done=2, FAULT_AT_BATCH="3:2")
+
+
+def test_kill_between_checkpoint_and_its_history_row(project):
+    # Epoch 3's checkpoint has landed; its history row (the 3rd history.csv rename) never does.
+    edit_params(project, "train", epochs=4)
+    killed = subprocess.run(
+        [*DVC, "repro"],
+        cwd=project,
+        env=environment_with_fault(project, FAULT_AT_RENAME="history.csv", FAULT_AT_COUNT=3),
+        capture_output=True,
+        text=True,
+    )
+    assert killed.returncode != 0
+    assert (project / RESUME / "epoch-003.keras").exists() and checkpoint_history(project) == [1, 2]
+    kept = checkpoint_bytes(project, (1, 2))
+
+    resumed = run_command([*DVC, "repro"], project)
+    assert "epoch 2 of 4" in resumed.stdout + resumed.stderr  # the row-less epoch 3 is trained again
+    history = pd.read_csv(project / CHECKPOINTS / "history.csv")
+    assert history["epoch"].tolist() == [1, 2, 3, 4]
+    for row in history.itertuples():  # every row names its checkpoint's exact bytes
+        assert sha256_file(project / CHECKPOINTS / f"epoch-{row.epoch:03d}.keras") == row.sha256
+    assert checkpoint_bytes(project, (1, 2), CHECKPOINTS) == kept
+    # An epoch from before the kill can still be selected: select_best verifies and copies it.
+    for row in history[history["epoch"] <= 2].itertuples():
+        destination = project / "chosen" / f"{row.epoch}.keras"
+        copy_verified(project / CHECKPOINTS / f"epoch-{row.epoch:03d}.keras", row.sha256, destination)
+        assert destination.read_bytes() == kept[row.epoch - 1]
+
+
+def test_change_of_training_code_or_data_starts_training_over(project):
+    for change in ("tasks/io.py", "tasks/params.py", "split"):
+        edit_params(project, "train", epochs=4)
+        killed = subprocess.run(
+            [*DVC, "repro"],
+            cwd=project,
+            env=environment_with_fault(project, FAULT_AT_BATCH="3:1"),
+            capture_output=True,
+            text=True,
+        )
+        assert killed.returncode != 0 and checkpoint_history(project) == [1, 2], change
+        if change == "split":
+            edit_params(project, "split", validation_fraction=0.5)
+        else:
+            with open(project / change, "a") as source:
+                source.write("\n# changed\n")
+        rerun = run_command([*DVC, "repro"], project)
+        assert "resuming from" not in rerun.stdout + rerun.stderr, change
+        assert checkpoint_history(project) == [1, 2, 3, 4]
+        run_command(["git", "checkout", "--", "tasks", "params.yaml"], project)
 
 
 def wait_for_epochs(project: Path, count: int, epochs: int, timeout_s: float = 240) -> None:
     """Block until the run training for `epochs` epochs (not an earlier run's leftovers) has done `count`."""
-    checkpoints = project / "artifacts/checkpoints"
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            current = json.loads((checkpoints / "fingerprint.json").read_text())["train"]["epochs"] == epochs
+            current = json.loads((project / RESUME / "fingerprint.json").read_text())["train"]["epochs"] == epochs
             if current and len(checkpoint_history(project)) >= count:
                 return
         except (OSError, ValueError, KeyError):
@@ -134,34 +273,11 @@ def wait_for_epochs(project: Path, count: int, epochs: int, timeout_s: float = 2
     pytest.fail(f"training did not complete {count} epochs in {timeout_s} s")
 
 
-@pytest.mark.parametrize("entry_point", ["dvc", "flow"])
-def test_kill_during_an_epoch_then_resume(project, entry_point):
-    edit_params(project, "train", epochs=12)
-    lock_before = (project / "dvc.lock").read_bytes()
-    command = command_for(entry_point)
-    process = subprocess.Popen(
-        command,
-        cwd=project,
-        env=project_environment(project.parent),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    wait_for_epochs(project, 2, epochs=12)
-    os.killpg(process.pid, signal.SIGKILL)  # the whole run at once: flow or dvc, and the training process
-    process.wait(timeout=30)
-    done = checkpoint_history(project)
-    assert 2 <= len(done) < 12
-    assert (project / "dvc.lock").read_bytes() == lock_before
-
-    assert_resumes(project, command, last_done=done[-1], epochs=12)
-
-
 def test_two_flows_at_once_one_refuses_cleanly(project):
     edit_params(project, "train", epochs=6)
     # The first flow holds still for 25 s before landing epoch 2, longer than the second
     # flow needs to start and reach the workspace lock.
-    environment = environment_with_fault(project, "epoch-002.keras", fault="pause", pause_s=25)
+    environment = environment_with_fault(project, FAULT_AT_RENAME="epoch-002.keras", FAULT="pause", FAULT_PAUSE_S=25)
     first = subprocess.Popen(
         FLOW, cwd=project, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
@@ -178,7 +294,7 @@ def test_two_flows_at_once_one_refuses_cleanly(project):
 def test_dvc_repro_while_flow_trains_refuses_cleanly(project):
     edit_params(project, "train", epochs=6)
     # The flow's training holds still for 20 s before landing epoch 2: the collision is certain.
-    environment = environment_with_fault(project, "epoch-002.keras", fault="pause")
+    environment = environment_with_fault(project, FAULT_AT_RENAME="epoch-002.keras", FAULT="pause")
     flow = subprocess.Popen(
         FLOW, cwd=project, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
@@ -189,6 +305,30 @@ def test_dvc_repro_while_flow_trains_refuses_cleanly(project):
     assert clash.returncode != 0
     assert "is busy" in clash.stderr or "Unable to acquire lock" in clash.stderr
     assert ran_stages(clash.stdout) == []
+    assert "up to date" in run_command([*DVC, "status"], project).stdout
+
+
+def test_flow_started_during_dvc_repro_waits_for_it_then_finds_everything_done(project):
+    edit_params(project, "train", epochs=4)
+    # `dvc repro` holds DVC's repository lock, and holds still for 10 s before landing epoch 2.
+    repro = subprocess.Popen(
+        [*DVC, "repro"],
+        cwd=project,
+        env=environment_with_fault(project, FAULT_AT_RENAME="epoch-002.keras", FAULT="pause", FAULT_PAUSE_S=10),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    wait_for_epochs(project, 1, epochs=4)
+    flow = run_command(FLOW, project, check=False)
+    repro_output, _ = repro.communicate(timeout=600)
+    assert repro.returncode == 0, repro_output
+    assert ran_stages(repro_output) == ["train", "select_best", "evaluate"]
+    output = flow.stdout + flow.stderr
+    # Documented outcome: the flow finds DVC busy, retries, and then has nothing left to do.
+    assert flow.returncode == 0, output
+    assert "another DVC process holds" in output and "Retry" in output
+    assert "up to date: no stage ran" in output
     assert "up to date" in run_command([*DVC, "status"], project).stdout
 
 

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
+import http.server
 import shutil
+import subprocess
+import sys
+import threading
+import zipfile
 
 import pytest
 import yaml
 
 from flows.pipeline import PIPELINE, STAGES, describe_changes
-from tests.conftest import DVC, FLOW, ROOT, edit_params, project_environment, run_command
+from tests.conftest import DVC, FLOW, ROOT, build_cifar10_archive, edit_params, project_environment, run_command
 
 # Flow runs report to one real Prefect server for the session instead of starting their own.
 pytestmark = pytest.mark.usefixtures("prefect_api")
@@ -87,7 +93,107 @@ def test_flow_rejects_bad_params_before_any_work(project):
     edit_params(project, "train", epochs=0)
     lock_before = (project / "dvc.lock").read_bytes()
     result = run_command(FLOW, project, check=False)
-    assert result.returncode != 0
+    assert result.returncode == 2  # bad input, told apart from a crash (1) and a busy workspace (75)
     assert "train.epochs: Input should be greater than 0" in result.stderr + result.stdout
     assert flow_stages(result.stderr + result.stdout) == {}
     assert (project / "dvc.lock").read_bytes() == lock_before
+
+
+def test_flow_has_no_params_option_that_the_stages_would_ignore(project):
+    # The stages run through dvc.yaml, which reads params.yaml: another params file cannot be honoured.
+    result = run_command([*FLOW, "--params", "other.yaml"], project, check=False)
+    assert result.returncode == 2
+    assert "unrecognized arguments: --params" in result.stderr
+
+
+# Takes DVC's own repository lock, as any dvc command does, and keeps it for argv[1] seconds.
+HOLD_DVC_LOCK = (
+    "import sys, time; from dvc.repo import Repo; repo = Repo('.'); repo.lock.lock(); "
+    "print('locked', flush=True); time.sleep(float(sys.argv[1])); repo.lock.unlock()"
+)
+
+
+def test_flow_retries_while_another_dvc_process_holds_the_lock(project):
+    edit_params(project, "train", epochs=3)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_DVC_LOCK, "12"], cwd=project, stdout=subprocess.PIPE, text=True
+    )
+    assert holder.stdout.readline().strip() == "locked"
+    result = run_command(FLOW, project, check=False)
+    holder.wait(timeout=60)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "another DVC process holds" in output and "Retry" in output  # the first try met the lock
+    assert flow_stages(output)["train"] == "running"
+    assert "up to date" in run_command([*DVC, "status"], project).stdout
+
+
+def test_a_stage_that_refuses_its_input_is_not_retried_and_exits_2(project):
+    (project / "broken.zip").write_bytes(b"PK\x03\x04" + bytes(200))
+    edit_params(project, "ingest", source="broken.zip")
+    lock_before = (project / "dvc.lock").read_bytes()
+    result = run_command(FLOW, project, check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    assert "stage ingest refused its input: " in output and "broken.zip: not a readable zip archive" in output
+    assert "Retry" not in output
+    assert (project / "dvc.lock").read_bytes() == lock_before
+
+
+def test_missing_source_is_pulled_through_its_dvc_pointer_from_the_remote(project, tmp_path):
+    with zipfile.ZipFile(project / "images.zip", "w") as archive:
+        for path in sorted((project / "source").rglob("*.png")):
+            archive.write(path, path.relative_to(project / "source").as_posix())
+    remote = tmp_path / "remote"
+    for command in (
+        [*DVC, "add", "images.zip"],
+        [*DVC, "remote", "add", "-d", "store", str(remote)],
+        [*DVC, "push", "images.zip.dvc"],
+    ):
+        run_command(command, project)
+    expected = (project / "images.zip").read_bytes()
+    (project / "images.zip").unlink()
+    shutil.rmtree(project / ".dvc" / "cache" / "files")  # only the remote has it now
+    edit_params(project, "ingest", source="images.zip")
+    result = run_command(FLOW, project)
+    assert "pulling images.zip.dvc with DVC" in result.stdout + result.stderr
+    assert (project / "images.zip").read_bytes() == expected
+    assert flow_stages(result.stdout + result.stderr)["ingest"] == "running"
+    assert "up to date" in run_command([*DVC, "status"], project).stdout
+
+
+def test_missing_source_is_downloaded_from_its_url_and_verified(project, tmp_path):
+    archive = tmp_path / "cifar.tar.gz"
+    build_cifar10_archive(archive)
+    payload = archive.read_bytes()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        edit_params(
+            project,
+            "ingest",
+            kind="cifar10_binary",
+            source="downloads/cifar.tar.gz",
+            url=f"http://127.0.0.1:{server.server_port}/cifar-10-binary.tar.gz",
+            sha256=hashlib.sha256(payload).hexdigest(),
+        )
+        result = run_command(FLOW, project)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+    assert (project / "downloads" / "cifar.tar.gz").read_bytes() == payload
+    assert flow_stages(result.stdout + result.stderr)["evaluate"] == "running"
+    assert "up to date" in run_command([*DVC, "status"], project).stdout

@@ -64,10 +64,14 @@ def test_jpeg_images_are_read(tmp_path):
     ("member", "problem"),
     [("../evil.png", "'..' path"), ("/abs/train/a/x.png", "absolute")],
 )
-def test_zip_members_escaping_the_tree_are_refused(image_folder, tmp_path, member, problem):
+def test_zip_members_escaping_the_tree_are_refused(image_folder, tmp_path, monkeypatch, member, problem):
+    monkeypatch.chdir(tmp_path)
     archive = zip_folder(image_folder, tmp_path / "bad.zip", extra={member: b"x"})
     with pytest.raises(DataError, match=problem):
         read_image_folder(archive, image_size=32, max_per_class=None)
+    # Where the member would land if extracted, from the archive's folder or the working directory.
+    assert not (tmp_path / member.lstrip("/")).resolve().exists() and not Path(member).exists()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["bad.zip"]
 
 
 def test_corrupt_zip_is_one_clear_error(tmp_path):
@@ -250,18 +254,29 @@ def _tar_with(path: Path, *members: tarfile.TarInfo) -> Path:
     ("name", "kind", "problem"),
     [
         ("../../cifar-10-batches-bin/test_batch.bin", tarfile.REGTYPE, "'..' path"),
-        ("/tmp/cifar-10-batches-bin/test_batch.bin", tarfile.REGTYPE, "absolute"),
+        ("{tmp}/absolute/cifar-10-batches-bin/test_batch.bin", tarfile.REGTYPE, "absolute"),
         ("cifar-10-batches-bin/test_batch.bin", tarfile.LNKTYPE, "not a regular file"),
     ],
 )
-def test_binary_archive_escaping_or_linked_members_are_refused(tmp_path, name, kind, problem):
+def test_binary_archive_escaping_or_linked_members_are_refused(tmp_path, monkeypatch, name, kind, problem):
+    name = name.format(tmp=tmp_path)
+    folder = tmp_path / "deep" / "er"
+    folder.mkdir(parents=True)
+    monkeypatch.chdir(folder)  # a member extracted here or beside the archive would land under tmp_path
     member = tarfile.TarInfo(name)
     member.type = kind
     member.size = CIFAR10_RECORD_BYTES if kind == tarfile.REGTYPE else 0
     member.linkname = "" if kind == tarfile.REGTYPE else "cifar-10-batches-bin/data_batch_1.bin"
     with pytest.raises(DataError, match=problem):
-        read_cifar10_binary(_tar_with(tmp_path / "cifar.tar.gz", member), max_per_class=None)
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["cifar.tar.gz"]  # nothing extracted
+        read_cifar10_binary(_tar_with(folder / "cifar.tar.gz", member), max_per_class=None)
+    # Nothing extracted: not beside the archive, not where the escaping member points, nowhere under tmp_path.
+    landing = Path(name) if Path(name).is_absolute() else (folder / name).resolve()
+    assert landing.is_relative_to(tmp_path) and not landing.exists()
+    assert sorted(str(path.relative_to(tmp_path)) for path in tmp_path.rglob("*")) == [
+        "deep",
+        "deep/er",
+        "deep/er/cifar.tar.gz",
+    ]
 
 
 def test_binary_archive_duplicate_member_is_refused(tmp_path):

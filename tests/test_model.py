@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from tasks.model import CIFAR10_MEAN, CIFAR10_STD, build_model, initialize_speed_cnn, whitening_kernel
+from tasks.model import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    build_model,
+    initialize_speed_cnn,
+    whitening_kernel,
+    whitening_sample,
+)
 
 
 def _images(count: int = 200, seed: int = 0) -> np.ndarray:
@@ -30,7 +37,7 @@ def test_whitening_kernel_decorrelates_patches():
 def test_initialized_speed_cnn_has_the_whitening_stem_and_identity_convs():
     images = _images()
     model = build_model("speed_cnn", (32, 32, 3), 10, widths=(8, 16))
-    initialize_speed_cnn(model, images)
+    initialize_speed_cnn(model, images, seed=0)
     np.testing.assert_allclose(model.get_layer("whitening").get_weights()[0], whitening_kernel(images), rtol=1e-6)
     assert not model.get_layer("whitening").trainable
     kernel = model.get_layer("block2_conv1").get_weights()[0]  # 8 -> 16 channels
@@ -38,3 +45,26 @@ def test_initialized_speed_cnn_has_the_whitening_stem_and_identity_convs():
     identity[1, 1] = np.eye(8)
     np.testing.assert_array_equal(kernel[..., :8], identity)
     assert np.abs(kernel[..., 8:]).sum() > 0  # the extra filters keep their random start
+
+
+def test_whitening_sample_is_seeded_and_spread_over_class_ordered_data():
+    # Training arrays are in class order (5,000 a class here): a prefix would be 90% one class.
+    labels = np.repeat(np.arange(10), 4500)
+    sample = whitening_sample(labels.size, seed=42)
+    assert sample.size == 5000 and np.unique(sample).size == 5000
+    np.testing.assert_array_equal(sample, whitening_sample(labels.size, seed=42))
+    assert not np.array_equal(sample, whitening_sample(labels.size, seed=43))
+    per_class = np.bincount(labels[sample], minlength=10)
+    assert per_class.min() >= 400 and per_class.max() <= 600, per_class  # 500 expected, sd about 21
+
+
+def test_whitening_stem_comes_from_the_sample_not_a_prefix():
+    rng = np.random.default_rng(0)
+    # 5,000 smooth grey images, then 200 of colour noise: a prefix would never see the noise.
+    grey = rng.integers(0, 256, (5000, 8, 8, 1)).repeat(3, axis=3) + rng.integers(-5, 6, (5000, 8, 8, 3))
+    images = np.concatenate([np.clip(grey, 0, 255), rng.integers(0, 256, (200, 8, 8, 3))]).astype(np.uint8)
+    model = build_model("speed_cnn", (8, 8, 3), 10, widths=(8,))
+    initialize_speed_cnn(model, images, seed=7)
+    stem = model.get_layer("whitening").get_weights()[0]
+    np.testing.assert_allclose(stem, whitening_kernel(images[whitening_sample(len(images), seed=7)]), rtol=1e-5)
+    assert not np.allclose(stem, whitening_kernel(images[:5000]), rtol=1e-2)

@@ -75,9 +75,19 @@ def test_url_without_checksum_is_rejected(raw_params):
         parse_params(raw_params)
 
 
-def test_test_time_flip_needs_the_speed_model(raw_params):
-    raw_params["train"] = {**TUTORIAL_TRAIN, "test_time_flip": True}
-    with pytest.raises(ParamsError, match="train.test_time_flip needs model speed_cnn"):
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("test_time_flip", True),
+        ("augment", {"flip": True, "translate": 0}),
+        ("augment", {"translate": 2}),
+        ("widths", [8]),
+    ],
+)
+def test_speed_only_keys_are_refused_for_the_tutorial_model(raw_params, key, value):
+    # tutorial_cnn would silently ignore them: an error, never a no-op.
+    raw_params["train"] = {**TUTORIAL_TRAIN, key: value}
+    with pytest.raises(ParamsError, match=f"train.{key} apply to model speed_cnn only; tutorial_cnn would ignore"):
         parse_params(raw_params)
 
 

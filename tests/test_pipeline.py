@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import sys
 import zipfile
 from pathlib import Path
+
+import pytest
 
 from tests.conftest import DVC, build_cifar10_archive, edit_params, ran_stages, run_command
 
@@ -39,7 +42,7 @@ def test_train_param_change_reruns_train_and_below_only(project):
     assert "test.accuracy" in metrics_diff["artifacts/metrics/metrics.json"]
     run_command([*DVC, "plots", "show", "-o", "plots_html"], project)
     page = (project / "plots_html" / "index.html").read_text()
-    assert "training_curves.png" in page and "Confusion" in page
+    assert "training_curves.png" in page and "test confusion matrix" in page and "test F1 per class" in page
     assert "up to date" in run_command([*DVC, "status"], project).stdout
 
 
@@ -93,3 +96,71 @@ def test_label_out_of_range_fails_closed(project):
     build_cifar10_archive(project / "cifar.tar.gz", bad_label=12)
     edit_params(project, "ingest", kind="cifar10_binary", source="cifar.tar.gz")
     assert_fails_closed(project, r"cifar\.tar\.gz:data_batch_1\.bin: labels \[12\] are out of range 0\.\.9")
+
+
+def test_params_a_b_a_restores_training_from_the_run_cache(project):
+    edit_params(project, "train", epochs=3)
+    assert ran_stages(run_command([*DVC, "repro"], project).stdout) == ["train", "select_best", "evaluate"]
+    edit_params(project, "train", epochs=2)  # back to the committed params
+    result = run_command([*DVC, "repro"], project)
+    assert ran_stages(result.stdout) == []  # nothing retrained, nothing re-evaluated
+    assert "Stage 'train' is cached - skipping run, checking out outputs" in result.stdout
+    assert "up to date" in run_command([*DVC, "status"], project).stdout
+    run_command(["git", "diff", "--exit-code", "--", "dvc.lock", "artifacts"], project)  # the first run's results
+
+
+def test_moved_output_paths_move_the_plots_and_the_report(project):
+    edit_params(project, "paths", training="results/training", metrics="results/metrics", plots="results/plots")
+    run_command([*DVC, "repro"], project)
+    plots = json.loads(run_command([*DVC, "plots", "show", "--json"], project).stdout)["data"]
+    for name in ("Cross-entropy", "Accuracy", "results/metrics/predictions.csv", "results/metrics/per_class.csv"):
+        assert plots[name][0]["content"]["data"]["values"], name
+    assert any("results/plots/training_curves.png" in key for key in plots)
+    run_command([sys.executable, "-m", "review.report", "--base", "HEAD", "--out", "report"], project)
+    report = (project / "report" / "report.md").read_text()
+    assert "| `test.accuracy` |" in report and "![training curves" in report
+
+
+# Per stage: how to give it bad input without touching its upstream stages' outputs' hashes in a way
+# DVC would repair first, and the one line it must say.
+BAD_INPUT = {
+    "ingest": ("params", r"broken\.zip: not a readable zip archive"),
+    "preprocess": ("data/raw/dataset.npz", r"data/raw/dataset\.npz: not a readable \.npz array file"),
+    "split": ("data/prepared/dataset.npz", r"data/prepared/dataset\.npz: not a readable \.npz array file"),
+    "train": ("data/split/train_val.npz", r"data/split/train_val\.npz: not a readable \.npz array file"),
+    "select_best": ("artifacts/checkpoints/history.csv", r"artifacts/checkpoints/history\.csv: missing columns"),
+    "evaluate": ("artifacts/model/best.json", r"artifacts/model/best\.json: not valid JSON"),
+}
+
+
+@pytest.mark.parametrize("stage", list(BAD_INPUT))
+def test_bad_input_exits_2_in_each_stage_and_dvc_names_it(project, stage):
+    target, message = BAD_INPUT[stage]
+    if target == "params":
+        (project / "broken.zip").write_bytes(b"PK\x03\x04" + bytes(200))
+        edit_params(project, "ingest", source="broken.zip")
+    else:
+        path = project / target
+        path.unlink()  # DVC may have linked it to its cache: replace it, never write through
+        path.write_text("epoch,loss\n" if target.endswith(".csv") else "not what the stage expects")
+    direct = run_command([sys.executable, "-m", f"tasks.{stage}"], project, check=False)
+    assert direct.returncode == 2, direct.stderr
+    assert re.search(message, direct.stderr) and direct.stderr.startswith("error: "), direct.stderr
+    through_dvc = run_command([*DVC, "repro", "--single-item", stage], project, check=False)
+    # DVC's own exit status for any failed stage is 255; its message carries the stage's status.
+    assert through_dvc.returncode == 255
+    assert f"failed to run: python -m tasks.{stage}, exited with 2" in through_dvc.stderr, through_dvc.stderr
+    assert re.search(message, through_dvc.stderr + through_dvc.stdout)
+
+
+def test_a_stage_run_prints_no_native_noise_but_still_prints_its_errors(project):
+    edit_params(project, "train", epochs=3)
+    trained = run_command([sys.executable, "-m", "tasks.train"], project)
+    assert "Epoch 3/3" in trained.stdout and "wrote artifacts/checkpoints" in trained.stderr
+    for noise in ("cuInit", "absl::InitializeLog", "use_unbounded_threadpool", "I0000"):
+        assert noise not in trained.stderr, trained.stderr
+    # A failure after TensorFlow has started still reaches the terminal.
+    (project / "artifacts/model/best.json").unlink()
+    (project / "artifacts/model/best.json").write_text("{}")
+    failed = run_command([sys.executable, "-m", "tasks.evaluate"], project, check=False)
+    assert failed.returncode == 1 and "KeyError" in failed.stderr

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tasks.io import DataError
-from tasks.preprocess import count_duplicates, prepare
+from tasks.preprocess import channel_statistics, count_duplicates, prepare
 
 
 def read_only(array: np.ndarray) -> np.ndarray:
@@ -56,3 +56,27 @@ def test_duplicates_across_train_and_test_are_counted(arrays):
     duplicates = count_duplicates(arrays["x_train"], x_test)
     assert duplicates["test_in_train"] == 1 and duplicates["test_in_train_examples"] == [2]
     assert duplicates["within_train"] == 0
+
+
+def _statistics_peak_bytes(images: np.ndarray) -> int:
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        channel_statistics(images)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_channel_statistics_match_numpy_in_memory_that_does_not_grow_with_the_set():
+    rng = np.random.default_rng(2)
+    images = rng.integers(0, 256, (4000, 32, 32, 3), dtype=np.uint8)
+    pixels = images.reshape(-1, 3).astype(np.float64)
+    mean, std = channel_statistics(images)
+    np.testing.assert_allclose(mean, pixels.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(std, pixels.std(axis=0), rtol=1e-9)
+    del pixels
+    # A float64 copy of the set (98 MB here, 1.2 GB for CIFAR-10) would make the peak grow with it.
+    small, large = _statistics_peak_bytes(images[:1000]), _statistics_peak_bytes(images)
+    assert large < 1.2 * small and large < 16 * 2**20, (small, large)

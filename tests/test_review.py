@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
 
 from tests.conftest import DVC, ROOT, edit_params, run_command
@@ -31,6 +33,52 @@ def test_report_shows_param_metrics_plots_and_reruns(project):
     for image in ("training_curves.png", "confusion_HEAD_1.png", "confusion_HEAD.png"):
         assert f"]({image})" in report
         assert (project / "report" / image).read_bytes()[:4] == b"\x89PNG"
+    # Each metric row carries the right old, new and change.
+    old, new = (committed_metrics(project, rev) for rev in ("HEAD~1", "HEAD"))
+    for key in ("test.accuracy", "test.crossentropy", "validation.crossentropy"):
+        section, name = key.split(".")
+        before, after = old[section][name], new[section][name]
+        assert f"| `{key}` | {before:.4f} | {after:.4f} | {after - before:.4f} |" in report, key
+
+
+def committed_metrics(project, rev: str) -> dict:
+    shown = subprocess.run(
+        ["git", "show", f"{rev}:artifacts/metrics/metrics.json"],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(shown.stdout)
+
+
+def report_rows(report: str) -> dict[str, str]:
+    """The stages table: stage -> its whole row."""
+    return {line.split("|")[1].strip(): line for line in report.splitlines() if line.startswith("| ") and "|" in line}
+
+
+def test_report_traces_a_data_change_back_to_the_param_behind_it(project):
+    edit_params(project, "ingest", max_per_class=10)
+    run_command([*DVC, "repro"], project)
+    run_command(["git", "add", "-A"], project)
+    run_command(["git", "-c", "user.name=t", "-c", "user.email=t@e", "commit", "-qm", "fewer images"], project)
+    run_command(
+        [sys.executable, "-m", "review.report", "--base", "HEAD~1", "--rev", "HEAD", "--out", "report"], project
+    )
+    rows = report_rows((project / "report" / "report.md").read_text())
+    # split reads data/prepared/dataset.npz, a file inside preprocess's output folder data/prepared.
+    assert "`data/prepared/dataset.npz` changed (output of preprocess)" in rows["split"]
+    for stage in ("preprocess", "split", "train", "evaluate"):
+        assert rows[stage].endswith("| param `ingest.max_per_class` |"), rows[stage]
+
+
+def test_report_of_a_revision_against_itself_says_nothing_changed(project):
+    run_command(["git", "branch", "-f", "reviewed", "HEAD"], project)  # two names for one commit
+    run_command(
+        [sys.executable, "-m", "review.report", "--base", "reviewed", "--rev", "HEAD", "--out", "report"], project
+    )
+    report = (project / "report" / "report.md").read_text()
+    assert "No params changed." in report and "No stage reran" in report
 
 
 def test_report_on_unchanged_workspace_says_nothing_reran(project):

@@ -92,7 +92,22 @@ def test_scheduled_deployment_runs_one_at_a_time_and_publishes_artifacts(served)
             sort=ArtifactSort.CREATED_DESC,
             limit=1,
         )[0]
-        assert str(metrics["test"]["accuracy"]) in json.dumps(table.data)
+        data = json.loads(table.data) if isinstance(table.data, str) else table.data
+        rows = {row["metric"]: row["value"] for row in data}
+        assert rows["test accuracy"] == metrics["test"]["accuracy"]
+        assert rows["validation cross-entropy"] == metrics["validation"]["crossentropy"]
+
+        # A run whose stage refuses its input fails, and still says where and why in its artifact.
+        (project / "broken.zip").write_bytes(b"PK\x03\x04" + bytes(200))
+        edit_params(project, "ingest", source="broken.zip")
+        (failed,) = _trigger_and_wait(client, deployment.id, 1)
+        assert failed.state.is_failed(), failed.state
+        summary = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["cifar10-pipeline-run"])),
+            sort=ArtifactSort.CREATED_DESC,
+            limit=1,
+        )[0]
+        assert "failed at ingest" in summary.data and "broken.zip: not a readable zip archive" in summary.data
 
 
 def _deployment(client):

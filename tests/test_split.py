@@ -36,3 +36,13 @@ def test_fraction_that_empties_a_class_is_rejected():
     labels = np.array([0, 0, 0, 1])
     with pytest.raises(DataError, match="class 1 has 1 images"):
         stratified_indices(labels, validation_fraction=0.3, seed=0)
+
+
+def test_every_image_keeps_its_label():
+    rng = np.random.default_rng(5)
+    y = rng.permutation(np.repeat(np.arange(4), 30)).astype(np.uint8)
+    x = np.arange(y.size)[:, None] * np.ones((1, 3), dtype=np.int64)  # each row names its original index
+    split = split_arrays(x, y, validation_fraction=0.2, seed=1)
+    for part in ("train", "val"):
+        np.testing.assert_array_equal(split[f"y_{part}"], y[split[f"x_{part}"][:, 0]])
+    assert sorted(np.concatenate([split["x_train"][:, 0], split["x_val"][:, 0]]).tolist()) == list(range(y.size))

@@ -52,7 +52,15 @@ def test_train_checkpoints_every_epoch_with_history(pipeline_run):
     params, _ = pipeline_run
     history = pd.read_csv(params.paths.training / "history.csv")
     assert history["epoch"].tolist() == [1, 2, 3]
-    assert list(history.columns) == ["epoch", "loss", "accuracy", "val_loss", "val_accuracy"]
+    assert list(history.columns) == [
+        "epoch",
+        "loss",
+        "accuracy",
+        "crossentropy",
+        "val_loss",
+        "val_accuracy",
+        "val_crossentropy",
+    ]
     assert sorted(path.name for path in params.paths.checkpoints.glob("*.keras")) == [
         "epoch-001.keras",
         "epoch-002.keras",
@@ -73,7 +81,7 @@ def test_evaluate_writes_metrics_tables_and_plots(pipeline_run):
     params, _ = pipeline_run
     metrics = json.loads((params.paths.metrics / "metrics.json").read_text())
     assert set(metrics["per_class"]) == set(CLASS_NAMES)
-    assert 0.0 <= metrics["test"]["accuracy"] <= 1.0 and metrics["test"]["loss"] > 0
+    assert 0.0 <= metrics["test"]["accuracy"] <= 1.0 and metrics["test"]["crossentropy"] > 0
     # Four distinct patterns: even three epochs on 36 images beat chance (0.25) clearly.
     assert metrics["test"]["accuracy"] >= 0.5
     predictions = pd.read_csv(params.paths.metrics / "predictions.csv")
@@ -92,3 +100,61 @@ def test_evaluate_refuses_a_tampered_model(pipeline_run, tmp_path):
             evaluate.run(params)
     finally:
         model.write_bytes(original)
+
+
+def test_evaluate_tables_agree_with_the_predictions(pipeline_run):
+    params, _ = pipeline_run
+    predictions = pd.read_csv(params.paths.metrics / "predictions.csv")
+    confusion = json.loads((params.paths.metrics / "confusion.json").read_text())
+    counted = pd.crosstab(predictions["actual"], predictions["predicted"])
+    for actual in CLASS_NAMES:
+        for predicted in CLASS_NAMES:
+            expected = int(counted.loc[actual, predicted]) if predicted in counted.columns else 0
+            assert confusion[actual][predicted] == expected, (actual, predicted)
+    per_class = pd.read_csv(params.paths.metrics / "per_class.csv").set_index("class")
+    metrics = json.loads((params.paths.metrics / "metrics.json").read_text())
+    for name in CLASS_NAMES:
+        hits = ((predictions["actual"] == name) & (predictions["predicted"] == name)).sum()
+        recall, predicted = hits / (predictions["actual"] == name).sum(), (predictions["predicted"] == name).sum()
+        assert per_class.loc[name, "support"] == (predictions["actual"] == name).sum()
+        assert per_class.loc[name, "recall"] == pytest.approx(recall, abs=1e-4)
+        assert per_class.loc[name, "precision"] == pytest.approx(hits / predicted if predicted else 0.0, abs=1e-4)
+        assert metrics["per_class"][name]["recall"] == pytest.approx(recall, abs=1e-4)
+    accuracy = (predictions["actual"] == predictions["predicted"]).mean()
+    assert metrics["test"]["accuracy"] == pytest.approx(accuracy, abs=1e-4)
+
+
+def test_select_best_refuses_a_checkpoint_changed_after_training(pipeline_run):
+    params, _ = pipeline_run
+    best = json.loads((params.paths.model / "best.json").read_text())
+    checkpoint = params.paths.checkpoints / f"epoch-{best['epoch']:03d}.keras"
+    model_before, original = (params.paths.model / "model.keras").read_bytes(), checkpoint.read_bytes()
+    try:
+        checkpoint.write_bytes(original[:-10] + b"0123456789")
+        with pytest.raises(DataError, match=rf"epoch-{best['epoch']:03d}.keras: sha256 is [0-9a-f]{{64}}, expected"):
+            select_best.run(params)
+        # Nothing blessed: the model and its description are the last good ones.
+        assert (params.paths.model / "model.keras").read_bytes() == model_before
+        assert json.loads((params.paths.model / "best.json").read_text()) == best
+    finally:
+        checkpoint.write_bytes(original)
+
+
+def test_known_harmless_native_lines_are_dropped_and_errors_kept():
+    from tasks.cli import HARMLESS_NATIVE_LOG
+
+    harmless = [
+        "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR",
+        "I0000 00:00:1795703297.209042    3161 port.cc:153] oneDNN custom operations are on.",
+        "E0000 00:00:1795703299.376554    3161 cuda_platform.cc:52] failed call to cuInit: INTERNAL: CUDA error",
+        "E0000 00:00:1795703299.376554    3161 meta_optimizer.cc:967] NodeDef mentions attribute "
+        "use_unbounded_threadpool which is not in the op definition",
+    ]
+    kept = [
+        "E0000 00:00:1795703299.376554    3161 op_kernel.cc:1830] OP_REQUIRES failed: out of memory",
+        "F0000 00:00:1795703299.376554    3161 cuda_platform.cc:52] failed call to cuInit: fatal",
+        "error: data/raw/dataset.npz: not a readable .npz array file",
+        "Epoch 1/4",
+    ]
+    assert all(HARMLESS_NATIVE_LOG.search(line) for line in harmless)
+    assert not any(HARMLESS_NATIVE_LOG.search(line) for line in kept)

@@ -33,7 +33,7 @@ def with_train(path, **changes):
 def test_rerun_resumes_after_the_last_completed_epoch(split_params, caplog):
     params = with_train(split_params, epochs=3)
     train.run(params)
-    checkpoints = params.paths.checkpoints
+    checkpoints = params.paths.resume
     first_epoch = (checkpoints / "epoch-001.keras").read_bytes()
     # As if killed during epoch 3: its checkpoint and history row never landed.
     (checkpoints / "epoch-003.keras").unlink()
@@ -44,6 +44,42 @@ def test_rerun_resumes_after_the_last_completed_epoch(split_params, caplog):
     assert "resuming from" in caplog.text and "epoch 2 of 3" in caplog.text
     assert pd.read_csv(params.paths.training / "history.csv")["epoch"].tolist() == [1, 2, 3]
     assert (checkpoints / "epoch-001.keras").read_bytes() == first_epoch
+    assert (params.paths.checkpoints / "epoch-001.keras").read_bytes() == first_epoch  # published as trained
+
+
+def test_checkpoints_are_published_with_their_hashes_and_resume_state_kept_apart(split_params):
+    params = with_train(split_params, epochs=2)
+    train.run(params)
+    published = pd.read_csv(params.paths.checkpoints / "history.csv")
+    assert sorted(path.name for path in params.paths.checkpoints.iterdir()) == [
+        "epoch-001.keras",
+        "epoch-002.keras",
+        "history.csv",
+    ]
+    for row in published.itertuples():
+        assert sha256_file(params.paths.checkpoints / f"epoch-{row.epoch:03d}.keras") == row.sha256
+    # The resume state is not inside the stage's outputs (DVC deletes and caches those).
+    assert not params.paths.resume.is_relative_to(params.paths.checkpoints)
+    assert (params.paths.resume / "fingerprint.json").exists()
+
+
+def test_validation_crossentropy_is_computed_as_the_test_crossentropy(split_params):
+    import numpy as np
+
+    from tasks.evaluate import score_predictions
+    from tasks.io import load_model, read_arrays
+
+    params = with_train(split_params, epochs=1, **SPEED_RECIPE)  # label smoothing 0.2: loss is not cross-entropy
+    train.run(params)
+    history = pd.read_csv(params.paths.training / "history.csv")
+    checkpoint = params.paths.checkpoints / "epoch-001.keras"
+    model = load_model(checkpoint, sha256=sha256_file(checkpoint))
+    arrays = read_arrays(params.paths.split / "train_val.npz", ("x_val", "y_val"))
+    scores = score_predictions(
+        np.asarray(model.predict(arrays["x_val"], verbose=0)), arrays["y_val"].astype(np.int64), ["a", "b", "c", "d"]
+    )
+    assert history["val_crossentropy"].iloc[0] == pytest.approx(scores.crossentropy, rel=1e-4)
+    assert history["val_loss"].iloc[0] != pytest.approx(scores.crossentropy, rel=1e-2)  # the smoothed objective
 
 
 def test_changed_params_start_afresh(split_params):
@@ -76,7 +112,7 @@ def test_speed_recipe_resumes_its_schedule_and_predicts_without_augmenting(split
 
     params = with_train(split_params, epochs=3, **SPEED_RECIPE)
     train.run(params)
-    checkpoints = params.paths.checkpoints
+    checkpoints = params.paths.resume
     (checkpoints / "epoch-003.keras").unlink()
     with caplog.at_level(logging.INFO, logger="tasks.train"):
         train.run(params)
@@ -112,6 +148,7 @@ def test_speed_recipe_trains_the_same_weights_twice(split_params):
     train.run(params)
     first_history, first = (params.paths.training / "history.csv").read_bytes(), final_weights(params)
     shutil.rmtree(params.paths.checkpoints)
+    shutil.rmtree(params.paths.resume)
     train.run(params)  # seeded flips and shifts, op determinism: the same weights again
     assert (params.paths.training / "history.csv").read_bytes() == first_history
     for again, before in zip(final_weights(params), first, strict=True):
@@ -123,7 +160,7 @@ def test_nan_loss_fails_without_writing_history(split_params):
     with pytest.raises(TrainingDivergedError, match="loss is not finite"):
         train.run(params)
     assert not (params.paths.training / "history.csv").exists()
-    assert not list(params.paths.checkpoints.glob("*.keras"))
+    assert not params.paths.checkpoints.exists() and not list(params.paths.resume.glob("*.keras"))
 
 
 def test_disk_full_during_a_checkpoint_keeps_earlier_epochs_and_resumes(split_params, monkeypatch, caplog):
@@ -143,7 +180,7 @@ def test_disk_full_during_a_checkpoint_keeps_earlier_epochs_and_resumes(split_pa
     monkeypatch.setattr(keras.Model, "save", save_then_fill_the_disk)
     with pytest.raises(OSError, match="No space left"):
         train.run(params)
-    checkpoints = params.paths.checkpoints
+    checkpoints = params.paths.resume
     assert sorted(path.name for path in checkpoints.iterdir()) == ["epoch-001.keras", "fingerprint.json", "history.csv"]
     history = pd.read_csv(checkpoints / "history.csv")
     assert history["epoch"].tolist() == [1]
@@ -181,7 +218,7 @@ def test_failed_model_save_leaves_the_previous_file_byte_identical(tmp_path, mon
 def test_tampered_checkpoint_is_refused_on_resume(split_params):
     params = with_train(split_params, epochs=3)
     train.run(params)
-    checkpoints = params.paths.checkpoints
+    checkpoints = params.paths.resume
     (checkpoints / "epoch-003.keras").unlink()
     payload = bytearray((checkpoints / "epoch-002.keras").read_bytes())
     payload[len(payload) // 2] ^= 0xFF
