@@ -13,7 +13,7 @@ def test_scores_match_hand_computed_values():
     probabilities = np.array([[0.8, 0.1, 0.1], [0.2, 0.7, 0.1], [0.1, 0.8, 0.1], [0.1, 0.6, 0.3], [0.5, 0.2, 0.3]])
     scores = score_predictions(probabilities, labels, ["a", "b", "c"])
     assert scores.accuracy == pytest.approx(3 / 5)
-    assert scores.loss == pytest.approx(-np.mean(np.log([0.8, 0.2, 0.8, 0.6, 0.3])))
+    assert scores.crossentropy == pytest.approx(-np.mean(np.log([0.8, 0.2, 0.8, 0.6, 0.3])))
     assert scores.confusion.tolist() == [[1, 1, 0], [0, 2, 0], [1, 0, 0]]
     by_class = scores.per_class.set_index("class")
     assert by_class.loc["a", "precision"] == pytest.approx(0.5)

@@ -95,6 +95,7 @@ def test_flow_rejects_bad_params_before_any_work(project):
     result = run_command(FLOW, project, check=False)
     assert result.returncode == 2  # bad input, told apart from a crash (1) and a busy workspace (75)
     assert "train.epochs: Input should be greater than 0" in result.stderr + result.stdout
+    assert "Finished in state Failed" in result.stderr + result.stdout
     assert flow_stages(result.stderr + result.stdout) == {}
     assert (project / "dvc.lock").read_bytes() == lock_before
 
@@ -136,7 +137,7 @@ def test_a_stage_that_refuses_its_input_is_not_retried_and_exits_2(project):
     output = result.stdout + result.stderr
     assert result.returncode == 2, output
     assert "stage ingest refused its input: " in output and "broken.zip: not a readable zip archive" in output
-    assert "Retry" not in output
+    assert "Retry" not in output and "Finished in state Failed" in output
     assert (project / "dvc.lock").read_bytes() == lock_before
 
 

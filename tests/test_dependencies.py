@@ -1,0 +1,60 @@
+"""One list of dependencies: pyproject.toml declares every package the code imports; the lock comes from it."""
+
+from __future__ import annotations
+
+import ast
+import re
+import sys
+import tomllib
+from importlib.metadata import packages_distributions
+
+from packaging.requirements import Requirement
+
+from tests.conftest import ROOT
+
+OWN_PACKAGES = {"tasks", "flows", "review", "bench", "tests"}
+
+
+def declared() -> list[Requirement]:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = [item for items in project.get("optional-dependencies", {}).values() for item in items]
+    return [Requirement(item) for item in project["dependencies"] + extras]
+
+
+def canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def imported_modules() -> set[str]:
+    """Top-level names of every module the project's code imports, outside the standard library."""
+    names = set()
+    for folder in OWN_PACKAGES:
+        for path in (ROOT / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    names |= {alias.name.split(".")[0] for alias in node.names}
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    names.add(node.module.split(".")[0])
+    return names - set(sys.stdlib_module_names) - OWN_PACKAGES - {"__future__"}
+
+
+def test_every_imported_package_is_declared_in_pyproject():
+    owners = packages_distributions()
+    names = {canonical(requirement.name) for requirement in declared()}
+    undeclared = {
+        module: owners.get(module)
+        for module in imported_modules()
+        if not any(canonical(owner) in names for owner in owners.get(module, [module]))
+    }
+    assert undeclared == {}, "imported but not declared in pyproject.toml (module: distributions)"
+
+
+def test_the_lock_is_compiled_from_pyproject_and_pins_each_declared_package():
+    lock = (ROOT / "requirements.lock").read_text()
+    assert "--extra dev pyproject.toml -o requirements.lock" in lock.splitlines()[1]
+    assert not (ROOT / "requirements.in").exists()
+    pinned = {canonical(name): version for name, version in re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", lock, re.M)}
+    for requirement in declared():
+        version = pinned.get(canonical(requirement.name))
+        assert version is not None, f"{requirement.name} is declared but not in requirements.lock"
+        assert requirement.specifier.contains(version), f"{requirement.name}=={version} does not satisfy {requirement}"
