@@ -19,6 +19,7 @@ import fcntl
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -30,7 +31,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from tasks.cli import EXIT_BAD_INPUT
-from tasks.ingest import fetch_source
+from tasks.ingest import RESTORE_HINT, fetch_source
 from tasks.io import DataError, read_json
 from tasks.params import DEFAULT_PARAMS_PATH, ParamsError, flatten_params, load_params
 
@@ -214,6 +215,7 @@ PIPELINE = tuple(_stage_task(stage) for stage in STAGES)
 def cifar10_pipeline(root: str = ".") -> list[StageOutcome]:
     """Validate params.yaml, make sure the source is present, then run each stage that DVC finds stale."""
     logger = get_run_logger()
+    record_run_process()
     root_path = Path(root).resolve()
     params = load_params(root_path / DEFAULT_PARAMS_PATH)  # bad params fail the run before any work
     outcomes: list[StageOutcome] = []
@@ -230,6 +232,26 @@ def cifar10_pipeline(root: str = ".") -> list[StageOutcome]:
     logger.info("pipeline %s", f"ran {', '.join(ran)}" if ran else "up to date: no stage ran")
     publish_summary(outcomes, read_json(root_path / params.paths.metrics / "metrics.json"))
     return outcomes
+
+
+def this_boot() -> tuple[str, str]:
+    """(host name, boot id): processes recorded under another pair are gone."""
+    return socket.gethostname(), Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+
+
+def process_tag() -> str:
+    """`host:pid:boot id` of this process: enough to tell later, on this host, whether it is still alive."""
+    host, boot_id = this_boot()
+    return f"{host}:{os.getpid()}:{boot_id}"
+
+
+def record_run_process() -> None:
+    """Store this process on the flow run, so a restarted scheduler can tell a dead run from a live one."""
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import flow_run
+
+    with get_client(sync_client=True) as client:
+        client.update_flow_run(flow_run.id, infrastructure_pid=process_tag())
 
 
 RUN_ARTIFACT_KEY = "cifar10-pipeline-run"
@@ -292,10 +314,12 @@ def publish_failure(outcomes: list[StageOutcome], error: Exception) -> None:
 
 
 def ensure_source(root: Path, ingest) -> None:
-    """Bring the dataset source in when missing: `dvc pull` its pointer, or download its URL."""
+    """Bring the dataset source in when missing (`dvc pull` its pointer, or download its URL); refuse a modified one."""
     source = root / ingest.source
     pointer = source.with_name(source.name + ".dvc")
     if source.exists():
+        if pointer.exists():
+            refuse_modified_source(root, pointer)
         return
     if pointer.exists():
         get_run_logger().info("pulling %s with DVC", pointer.relative_to(root))
@@ -306,6 +330,25 @@ def ensure_source(root: Path, ingest) -> None:
             raise DataError(f"{pointer}: `dvc pull` could not bring {ingest.source} in: {pulled.stderr.strip()}")
     else:
         fetch_source(ingest.model_copy(update={"source": source}))
+
+
+def refuse_modified_source(root: Path, pointer: Path) -> None:
+    """Stop before any stage when a DVC-tracked source differs from its pointer.
+
+    `dvc repro` would first re-point the .dvc file at the modified bytes ("verifying data
+    sources"); the flow runs stages one by one (--single-item), so it can refuse before that.
+    """
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        (stage,) = repo.stage.collect(str(pointer))
+        changed = {path: state for out in stage.outs for path, state in out.workspace_status().items()}
+    if changed:
+        details = ", ".join(f"{path} {state}" for path, state in sorted(changed.items()))
+        raise DataError(
+            f"{pointer.relative_to(root)}: the tracked source no longer matches its pointer ({details}); "
+            f"nothing was run. {RESTORE_HINT}"
+        )
 
 
 def main() -> None:

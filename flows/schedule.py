@@ -8,11 +8,18 @@ Each run reads params.yaml in the directory it is served from, as `dvc repro` do
 
 Runs that collide wait for the running one to finish (deployment concurrency limit 1,
 ENQUEUE): two runs never work on the workspace at the same time.
+
+A run whose process died with the machine, the server or this process (SIGKILL, OOM) would
+hold that one slot for good: on start, before serving, runs of the deployment that are
+still Pending, Running or Cancelling but whose process is gone are marked Crashed, which
+releases their slot; the next run resumes training from its checkpoints.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -20,7 +27,9 @@ from pathlib import Path
 from prefect import serve
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 
-from flows.pipeline import cifar10_pipeline
+from flows.pipeline import cifar10_pipeline, this_boot
+
+log = logging.getLogger("flows.schedule")
 
 DEFAULT_CRON = "0 2 * * *"  # nightly, 02:00 in the server's time zone (UTC by default)
 DEFAULT_NAME = "nightly"
@@ -37,6 +46,64 @@ def build_deployment(*, name: str, cron: str, root: Path):
     )
 
 
+def process_alive(tag: str | None) -> bool:
+    """Whether the process a run recorded (`host:pid:boot id`) is alive on this host now."""
+    if not tag or tag.count(":") < 2:
+        return False  # never recorded: the run died before its flow started (Pending, Submitting)
+    host, pid, boot_id = tag.rsplit(":", 2)
+    if (host, boot_id) != this_boot():
+        return False  # another boot of this machine: every process of it is gone
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, owned by someone else
+    return True
+
+
+def crash_dead_runs(deployment_name: str) -> list[str]:
+    """Mark the deployment's Pending/Running/Cancelling runs whose process is gone Crashed; their slots come free."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterDeploymentId,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.exceptions import ObjectNotFound
+    from prefect.states import Crashed
+
+    with get_client(sync_client=True) as client:
+        try:
+            deployment = client.read_deployment_by_name(deployment_name)
+        except ObjectNotFound:
+            return []  # first start: nothing can be left over
+        stuck = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                deployment_id=FlowRunFilterDeploymentId(any_=[deployment.id]),
+                state=FlowRunFilterState(
+                    type=FlowRunFilterStateType(any_=[StateType.PENDING, StateType.RUNNING, StateType.CANCELLING])
+                ),
+            )
+        )
+        crashed = []
+        for run in stuck:
+            if process_alive(run.infrastructure_pid):
+                continue
+            # force: a Cancelling run may not become Crashed otherwise; Prefect's rule that releases
+            # the deployment's concurrency slot still runs on a forced transition.
+            client.set_flow_run_state(
+                run.id, Crashed(message="its process is gone (machine, server or scheduler crash)"), force=True
+            )
+            log.warning(
+                "flow run %s (%s) was %s but its process is gone: marked Crashed", run.name, run.id, run.state_name
+            )
+            crashed.append(run.name)
+    return crashed
+
+
 def main() -> None:
     """Entry point for `python -m flows.schedule`."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -45,6 +112,8 @@ def main() -> None:
     arguments = parser.parse_args()
     # SIGTERM (from a service manager) stops serving the way Ctrl-C does.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    crash_dead_runs(f"{cifar10_pipeline.name}/{arguments.name}")
     deployment = build_deployment(name=arguments.name, cron=arguments.cron, root=Path.cwd())
     serve(deployment, pause_on_shutdown=False, print_starting_message=True)
 

@@ -6,6 +6,8 @@ import http.client
 import io
 import logging
 import stat
+import subprocess
+import sys
 import tarfile
 import time
 import urllib.error
@@ -281,6 +283,44 @@ def fetch_source(params: IngestParams) -> Path:
     return download(params.url, params.source, sha256=params.sha256)
 
 
+# ---- the last good copy ----
+
+RESTORE_HINT = "Bring back the last good copy with: python -m tasks.ingest --restore"
+
+
+def source_pointer(source: Path) -> Path | None:
+    """The DVC pointer (`<source>.dvc`) that tracks the source, if there is one."""
+    pointer = source.with_name(source.name + ".dvc")
+    return pointer if pointer.is_file() else None
+
+
+def _run_tool(command: list[str]) -> None:
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise DataError(f"`{' '.join(command)}` failed: {result.stderr.strip() or result.stdout.strip()}")
+
+
+def restore_source(params: IngestParams) -> Path:
+    """Put back the last good source: the committed DVC pointer and its cached file, or a fresh download."""
+    pointer = source_pointer(params.source)
+    if pointer is not None:
+        # `dvc repro` re-points the .dvc file at a modified source before ingest can refuse it
+        # (and autostage may stage that), so the good pointer is the one in git's HEAD.
+        log.info("restoring %s from the committed %s", params.source, pointer)
+        _run_tool(["git", "checkout", "HEAD", "--", str(pointer)])
+        # Every tracked file and output back as dvc.lock and the pointers say: the last good state.
+        _run_tool([sys.executable, "-m", "dvc", "checkout", "--force"])
+    elif params.url is not None:
+        log.info("downloading %s again from %s", params.source, params.url)
+        params.source.unlink(missing_ok=True)
+        download(params.url, params.source, sha256=params.sha256)
+    else:
+        raise DataError(f"{params.source}: nothing to restore it from (no {params.source}.dvc pointer, no ingest.url)")
+    if params.sha256 is not None:
+        verify_sha256(params.source, params.sha256)
+    return params.source
+
+
 # ---- stage ----
 
 
@@ -293,7 +333,10 @@ def read_source(params: IngestParams) -> RawDataset:
             "(run `dvc pull`, or set ingest.url and run `python -m tasks.ingest --fetch`)"
         )
     if params.sha256 is not None and source.is_file():
-        verify_sha256(source, params.sha256)
+        try:
+            verify_sha256(source, params.sha256)
+        except DataError as error:
+            raise DataError(f"{error}. {RESTORE_HINT}") from None
     if params.kind == "cifar10_binary":
         return read_cifar10_binary(source, max_per_class=params.max_per_class)
     return read_image_folder(source, image_size=params.image_size, max_per_class=params.max_per_class)
@@ -331,9 +374,14 @@ def fetch(params: Params) -> list[Path]:
     return [fetch_source(params.ingest)]
 
 
+def restore(params: Params) -> list[Path]:
+    """Bring back the last good copy of the source and every DVC output (`--restore`)."""
+    return [restore_source(params.ingest)]
+
+
 def main() -> None:
-    """Entry point for `python -m tasks.ingest [--fetch]`."""
-    run_stage({"run": run, "fetch": fetch}, __doc__)
+    """Entry point for `python -m tasks.ingest [--fetch | --restore]`."""
+    run_stage({"run": run, "fetch": fetch, "restore": restore}, __doc__)
 
 
 if __name__ == "__main__":

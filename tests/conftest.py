@@ -278,6 +278,30 @@ def prefect_healthy(api_url: str) -> bool:
         return False
 
 
+def start_prefect_server(home: Path, port: int) -> subprocess.Popen:
+    """A real `prefect server` (SQLite under `home`) on 127.0.0.1:`port`, answering its health check."""
+    environment = project_environment(home) | {
+        "PREFECT_SERVER_UI_ENABLED": "false",
+        # Let a queued deployment run take its slot seconds after the running one ends (default 30 s).
+        "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "3",
+    }
+    server = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=home,
+        env=environment,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    api_url = f"http://127.0.0.1:{port}/api"
+    try:
+        wait_until(lambda: prefect_healthy(api_url), 120, "the Prefect server to answer /api/health")
+    except BaseException:
+        stop_process(server)
+        raise
+    return server
+
+
 @pytest.fixture(scope="session")
 def prefect_api(tmp_path_factory):
     """One real Prefect server (SQLite, 127.0.0.1) that the session's flow runs report to.
@@ -285,26 +309,37 @@ def prefect_api(tmp_path_factory):
     Without it every flow run starts Prefect's temporary server (~15 s on 2 cores). The
     server is stopped, and checked gone, at the end of the session.
     """
-    home = tmp_path_factory.mktemp("prefect-server")
-    port = str(free_port())
+    port = free_port()
+    server = start_prefect_server(tmp_path_factory.mktemp("prefect-server"), port)
     api_url = f"http://127.0.0.1:{port}/api"
-    environment = project_environment(home) | {
-        "PREFECT_SERVER_UI_ENABLED": "false",
-        # Let a queued deployment run take its slot seconds after the running one ends (default 30 s).
-        "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "3",
-    }
-    server = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", port],
-        cwd=home,
-        env=environment,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
     try:
-        wait_until(lambda: prefect_healthy(api_url), 120, "the Prefect server to answer /api/health")
         os.environ["PREFECT_API_URL"] = api_url  # inherited by every subprocess the tests start
         yield api_url
     finally:
         os.environ.pop("PREFECT_API_URL", None)
         stop_process(server)
+
+
+def track_zip_source(project: Path) -> bytes:
+    """Zip the project's images, track the zip with `dvc add` as ingest's pinned source, run and commit."""
+    import hashlib
+    import zipfile
+
+    with zipfile.ZipFile(project / "images.zip", "w") as archive:
+        for path in sorted((project / "source").rglob("*.png")):
+            archive.write(path, path.relative_to(project / "source").as_posix())
+    payload = (project / "images.zip").read_bytes()
+    run_command([*DVC, "add", "images.zip"], project)
+    edit_params(project, "ingest", source="images.zip", sha256=hashlib.sha256(payload).hexdigest())
+    run_command([*DVC, "repro"], project)
+    run_command(["git", "add", "-A"], project)
+    run_command(["git", "-c", "user.name=t", "-c", "user.email=t@e", "commit", "-qm", "tracked zip source"], project)
+    return payload
+
+
+def flip_a_byte(path: Path) -> None:
+    """Corrupt one byte in the middle of a file (replacing it, never writing through a cache link)."""
+    payload = bytearray(path.read_bytes())
+    payload[len(payload) // 2] ^= 0xFF
+    path.unlink()
+    path.write_bytes(bytes(payload))

@@ -14,7 +14,17 @@ import pytest
 import yaml
 
 from flows.pipeline import PIPELINE, STAGES, describe_changes
-from tests.conftest import DVC, FLOW, ROOT, build_cifar10_archive, edit_params, project_environment, run_command
+from tests.conftest import (
+    DVC,
+    FLOW,
+    ROOT,
+    build_cifar10_archive,
+    edit_params,
+    flip_a_byte,
+    project_environment,
+    run_command,
+    track_zip_source,
+)
 
 # Flow runs report to one real Prefect server for the session instead of starting their own.
 pytestmark = pytest.mark.usefixtures("prefect_api")
@@ -197,4 +207,20 @@ def test_missing_source_is_downloaded_from_its_url_and_verified(project, tmp_pat
         thread.join(timeout=5)
     assert (project / "downloads" / "cifar.tar.gz").read_bytes() == payload
     assert flow_stages(result.stdout + result.stderr)["evaluate"] == "running"
+    assert "up to date" in run_command([*DVC, "status"], project).stdout
+
+
+def test_flow_refuses_a_corrupted_tracked_source_before_dvc_repoints_it(project):
+    good = track_zip_source(project)
+    lock_before = (project / "dvc.lock").read_bytes()
+    flip_a_byte(project / "images.zip")
+    result = run_command(FLOW, project, check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    assert "images.zip.dvc: the tracked source no longer matches its pointer (images.zip modified)" in output
+    assert "python -m tasks.ingest --restore" in output and flow_stages(output) == {}
+    run_command(["git", "diff", "--exit-code", "HEAD", "--", "images.zip.dvc"], project)  # pointer untouched
+    assert (project / "dvc.lock").read_bytes() == lock_before
+    run_command([sys.executable, "-m", "tasks.ingest", "--restore"], project)
+    assert (project / "images.zip").read_bytes() == good
     assert "up to date" in run_command([*DVC, "status"], project).stdout

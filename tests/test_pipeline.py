@@ -11,7 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import DVC, build_cifar10_archive, edit_params, ran_stages, run_command
+from tests.conftest import (
+    DVC,
+    build_cifar10_archive,
+    edit_params,
+    flip_a_byte,
+    ran_stages,
+    run_command,
+    track_zip_source,
+)
 
 STAGES = ["ingest", "preprocess", "split", "train", "select_best", "evaluate"]
 
@@ -164,3 +172,21 @@ def test_a_stage_run_prints_no_native_noise_but_still_prints_its_errors(project)
     (project / "artifacts/model/best.json").write_text("{}")
     failed = run_command([sys.executable, "-m", "tasks.evaluate"], project, check=False)
     assert failed.returncode == 1 and "KeyError" in failed.stderr
+
+
+def test_a_corrupted_tracked_source_names_the_one_command_that_restores_it(project):
+    good = track_zip_source(project)
+    lock_before = (project / "dvc.lock").read_bytes()
+    flip_a_byte(project / "images.zip")
+    result = run_command([*DVC, "repro"], project, check=False)
+    assert result.returncode == 255
+    assert "images.zip: sha256 is" in result.stderr
+    assert "Bring back the last good copy with: python -m tasks.ingest --restore" in result.stderr
+    assert (project / "dvc.lock").read_bytes() == lock_before
+    # DVC re-pointed images.zip.dvc at the corrupt bytes before ingest refused them ("verifying
+    # data sources"), so `dvc checkout` alone would now restore nothing: the command must do more.
+    assert run_command(["git", "diff", "--quiet", "HEAD", "--", "images.zip.dvc"], project, check=False).returncode
+    run_command([sys.executable, "-m", "tasks.ingest", "--restore"], project)
+    assert (project / "images.zip").read_bytes() == good
+    run_command(["git", "diff", "--exit-code", "HEAD", "--", "images.zip.dvc", "dvc.lock"], project)
+    assert "up to date" in run_command([*DVC, "status"], project).stdout

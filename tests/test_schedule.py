@@ -15,17 +15,22 @@ CRON = "0 3 * * *"
 DEPLOYMENT = "cifar10-pipeline/nightly"
 
 
-@pytest.fixture
-def served(project, prefect_api):
-    """The deployment served from a project copy against the session's Prefect server."""
-    runner = subprocess.Popen(
+def start_serving(project, environment: dict | None = None) -> subprocess.Popen:
+    """`python -m flows.schedule` in its own process group, serving from `project`."""
+    return subprocess.Popen(
         [sys.executable, "-m", "flows.schedule", "--cron", CRON],
         cwd=project,
-        env=project_environment(project.parent) | {"PREFECT_RUNNER_POLL_FREQUENCY": "2"},
+        env=(environment or project_environment(project.parent)) | {"PREFECT_RUNNER_POLL_FREQUENCY": "2"},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
+
+
+@pytest.fixture
+def served(project, prefect_api):
+    """The deployment served from a project copy against the session's Prefect server."""
+    runner = start_serving(project)
     try:
         yield project, prefect_api
     finally:
@@ -42,14 +47,14 @@ def prefect_client(api_url: str):
         yield client
 
 
-def _trigger_and_wait(client, deployment_id, count: int) -> list:
+def _trigger_and_wait(client, deployment_id, count: int, timeout_s: float = 600) -> list:
     runs = [client.create_flow_run_from_deployment(deployment_id) for _ in range(count)]
 
     def finished():
         states = [client.read_flow_run(run.id) for run in runs]
         return states if all(run.state and run.state.is_final() for run in states) else None
 
-    return wait_until(finished, 600, f"{count} flow run(s) to finish", interval_s=1)
+    return wait_until(finished, timeout_s, f"{count} flow run(s) to finish", interval_s=1)
 
 
 def test_scheduled_deployment_runs_one_at_a_time_and_publishes_artifacts(served):
@@ -59,7 +64,7 @@ def test_scheduled_deployment_runs_one_at_a_time_and_publishes_artifacts(served)
     project, api_url = served
     with prefect_client(api_url) as client:
         deployment = wait_until(
-            lambda: _deployment(client), 120, f"deployment {DEPLOYMENT} to be registered", interval_s=1
+            lambda: _deployment(client, project), 120, f"deployment {DEPLOYMENT} to be registered", interval_s=1
         )
         schedules = client.read_deployment_schedules(deployment.id)
         assert [schedule.schedule.cron for schedule in schedules] == [CRON]
@@ -110,10 +115,125 @@ def test_scheduled_deployment_runs_one_at_a_time_and_publishes_artifacts(served)
         assert "failed at ingest" in summary.data and "broken.zip: not a readable zip archive" in summary.data
 
 
-def _deployment(client):
+def _deployment(client, project):
+    """The deployment once `project`'s scheduler has registered it (tests share one server and name)."""
     from prefect.exceptions import ObjectNotFound
 
     try:
-        return client.read_deployment_by_name(DEPLOYMENT)
+        deployment = client.read_deployment_by_name(DEPLOYMENT)
     except ObjectNotFound:
         return None
+    return deployment if deployment.parameters.get("root") == str(project.resolve()) else None
+
+
+# ---- crashes: a run whose process is gone must not hold the deployment's one slot ----
+
+
+def _slots_in_use(client, deployment_id) -> int:
+    return client.read_deployment(deployment_id).global_concurrency_limit.active_slots
+
+
+def test_a_run_left_pending_by_a_dead_scheduler_is_crashed_on_restart(project, prefect_api):
+    from prefect.states import Pending
+
+    runner = start_serving(project)
+    with prefect_client(prefect_api) as client:
+        deployment = wait_until(
+            lambda: _deployment(client, project), 120, f"{DEPLOYMENT} to be registered", interval_s=1
+        )
+        stop_process(runner)
+        # What the scheduler does when it submits a run (Pending takes the deployment's one
+        # slot), after which it dies before the run's process starts.
+        orphan = client.create_flow_run_from_deployment(deployment.id)
+        client.set_flow_run_state(orphan.id, Pending())
+        assert _slots_in_use(client, deployment.id) == 1
+        runner = start_serving(project)
+        try:
+            (run,) = _trigger_and_wait(client, deployment.id, 1, timeout_s=240)
+        finally:
+            stop_process(runner)
+        assert run.state.is_completed(), run.state
+        assert client.read_flow_run(orphan.id).state.is_crashed()
+        assert _slots_in_use(client, deployment.id) == 0
+
+
+def _kill_while_training(project, client, deployment_id, runner) -> tuple:
+    """Start a run, wait until it trains (held still before landing epoch 2), SIGKILL `runner`'s whole group."""
+    import os
+    import signal
+
+    from tests.test_faults import RESUME, checkpoint_bytes, checkpoint_history
+
+    run = client.create_flow_run_from_deployment(deployment_id)
+    wait_until(
+        lambda: list((project / RESUME).glob(".epoch-002.keras.*")) and checkpoint_history(project) == [1],
+        300,
+        "the run to finish epoch 1 and hold still before landing epoch 2",
+    )
+    first_epoch = checkpoint_bytes(project, (1,))
+    os.killpg(runner.pid, signal.SIGKILL)  # the scheduler, the flow run and its training, at once
+    runner.wait(timeout=30)
+    return run, first_epoch
+
+
+def _assert_recovers(project, client, deployment_id, dead_run, first_epoch) -> None:
+    """The dead run is Crashed, its slot free, and the next run completes, resuming training."""
+    from tests.test_faults import checkpoint_bytes, checkpoint_history
+
+    wait_until(lambda: client.read_flow_run(dead_run.id).state.is_crashed(), 120, "the dead run to be marked Crashed")
+    (run,) = _trigger_and_wait(client, deployment_id, 1, timeout_s=300)
+    assert run.state.is_completed(), run.state
+    assert checkpoint_history(project) == [1, 2, 3, 4]
+    assert checkpoint_bytes(project, (1,)) == first_epoch  # resumed after epoch 1, not started over
+    assert "up to date" in run_command([*DVC, "status"], project).stdout
+
+
+def test_scheduler_killed_while_a_run_trains_recovers_on_restart(project, prefect_api):
+    from tests.test_faults import environment_with_fault
+
+    edit_params(project, "train", epochs=4)
+    held = environment_with_fault(project, FAULT_AT_RENAME="epoch-002.keras", FAULT="pause", FAULT_PAUSE_S=600)
+    runner = start_serving(project, held)
+    with prefect_client(prefect_api) as client:
+        deployment = wait_until(
+            lambda: _deployment(client, project), 120, f"{DEPLOYMENT} to be registered", interval_s=1
+        )
+        dead_run, first_epoch = _kill_while_training(project, client, deployment.id, runner)
+        assert client.read_flow_run(dead_run.id).state.is_running()  # the server cannot know
+        runner = start_serving(project)
+        try:
+            _assert_recovers(project, client, deployment.id, dead_run, first_epoch)
+        finally:
+            stop_process(runner)
+
+
+def test_server_and_scheduler_killed_together_recover_on_restart(project, tmp_path):
+    import os
+    import signal
+
+    from tests.conftest import free_port, start_prefect_server
+    from tests.test_faults import environment_with_fault
+
+    # A server of its own, killed and restarted on the same database, as a reboot would.
+    home, port = tmp_path / "server-home", free_port()
+    home.mkdir()
+    api_url = f"http://127.0.0.1:{port}/api"
+    edit_params(project, "train", epochs=4)
+    held = environment_with_fault(project, FAULT_AT_RENAME="epoch-002.keras", FAULT="pause", FAULT_PAUSE_S=600)
+    server = start_prefect_server(home, port)
+    runner = start_serving(project, held | {"PREFECT_API_URL": api_url})
+    try:
+        with prefect_client(api_url) as client:
+            deployment = wait_until(
+                lambda: _deployment(client, project), 120, f"{DEPLOYMENT} to be registered", interval_s=1
+            )
+            dead_run, first_epoch = _kill_while_training(project, client, deployment.id, runner)
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(timeout=30)
+        server = start_prefect_server(home, port)
+        runner = start_serving(project, project_environment(project.parent) | {"PREFECT_API_URL": api_url})
+        with prefect_client(api_url) as client:
+            _assert_recovers(project, client, deployment.id, dead_run, first_epoch)
+    finally:
+        stop_process(runner)
+        stop_process(server)
