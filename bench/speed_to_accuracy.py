@@ -67,7 +67,8 @@ def timed_repro(project: Path) -> tuple[float, float]:
 
 def epoch_times(project: Path, params: dict) -> pd.DataFrame:
     """Per-epoch validation accuracy with seconds since training started (from checkpoint mtimes)."""
-    checkpoints = project / params["paths"]["checkpoints"]
+    # The resume folder gets each checkpoint as its epoch ends (the output folder only at the end).
+    checkpoints = project / params["paths"]["resume"]
     started = (checkpoints / "fingerprint.json").stat().st_mtime
     history = read_table(project / params["paths"]["training"] / "history.csv")
     history["seconds"] = [

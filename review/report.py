@@ -22,6 +22,7 @@ WORKSPACE = "workspace"
 # Found by name among the stages' outputs: their folders are params.yaml's paths.*, as DVC loaded them.
 METRICS_NAME = "metrics.json"
 PREDICTIONS_NAME = "predictions.csv"  # the confusion plot's data
+ENVIRONMENT_NAME = "environment.json"  # the machine and libraries that produced the metrics
 HEADLINE_METRICS = (
     "test.accuracy",
     "test.crossentropy",
@@ -268,6 +269,24 @@ def reruns_section(reruns: dict[str, Rerun], stage_order: list[str]) -> list[str
     return lines
 
 
+def _changed(diff: dict) -> dict:
+    """The entries of one file's `dvc metrics diff --all` whose value changed."""
+    return {key: change for key, change in diff.items() if change.get("old") != change.get("new")}
+
+
+def environment_section(metrics: dict, stages: dict[str, StageSnapshot], reruns: dict[str, Rerun]) -> list[str]:
+    """What changed in the environment that produced the metrics, and whether it is the only cause."""
+    environment = _changed(metrics.get(output_named(stages, ENVIRONMENT_NAME), {}))
+    if not environment:
+        return ["The metrics come from the same environment (CPU, oneDNN settings, library versions)."]
+    lines = ["| environment | old | new |", "| --- | --- | --- |"]
+    lines += [f"| `{key}` | {change.get('old')} | {change.get('new')} |" for key, change in sorted(environment.items())]
+    metrics_changed = _changed(metrics.get(output_named(stages, METRICS_NAME), {}))
+    if metrics_changed and not reruns:
+        lines += ["", "**Root cause: environment.** The metrics changed while no input did (params, code, data)."]
+    return lines
+
+
 def build_report(root: Path, base: str, rev: str, out: Path) -> Path:
     """Write out/report.md (and its PNG plots) comparing `rev` with `base`."""
     import matplotlib
@@ -287,6 +306,7 @@ def build_report(root: Path, base: str, rev: str, out: Path) -> Path:
     lines = [f"# Pipeline report: `{rev}` against `{base}`", "", "## Params", "", *params_section(params)]
     lines += ["", "## Metrics", "", *metrics_section(metrics, output_named(snapshots[rev], METRICS_NAME))]
     lines += ["", "## Stages", "", *reruns_section(reruns, list(snapshots[rev]))]
+    lines += ["", "## Environment", "", *environment_section(metrics, snapshots[rev], reruns)]
     lines += ["", "## Plots", ""]
     if curves:
         lines += [f"![training curves, {base} and {rev}]({curves.name})", ""]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import platform
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +18,21 @@ from tasks.params import Params
 log = logging.getLogger(__name__)
 
 SAMPLE_GRID = (3, 12)  # rows x columns of test images, as the tutorial shows 36
+# The CPU features that decide which oneDNN kernels run, and so the float results.
+RECORDED_CPU_FLAGS = (
+    "avx",
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "amx_tile",
+    "amx_bf16",
+    "amx_int8",
+)
 
 
 @dataclass(frozen=True)
@@ -76,6 +93,40 @@ def metrics_summary(scores: Scores, best: dict) -> dict:
             "accuracy": round(best["val_accuracy"], 4),
             "crossentropy": round(best["val_crossentropy"], 4),
         },
+    }
+
+
+def cpu_description(cpuinfo: str) -> tuple[str, str]:
+    """(model name, the RECORDED_CPU_FLAGS it has) from the text of /proc/cpuinfo."""
+    fields = dict(line.split(":", 1) for line in cpuinfo.splitlines() if ":" in line)
+    fields = {key.strip(): value.strip() for key, value in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    return fields.get("model name", platform.processor() or "unknown"), " ".join(
+        flag for flag in RECORDED_CPU_FLAGS if flag in flags
+    )
+
+
+def environment_record() -> dict:
+    """What produced the metrics: CPU model and ISA flags, cores, oneDNN settings and library versions."""
+    import keras
+    import tensorflow as tf
+
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        cpuinfo = ""
+    model, flags = cpu_description(cpuinfo)
+    return {
+        "cpu": model,
+        "cpu_flags": flags,
+        "cpu_count": os.cpu_count(),
+        "gpus": len(tf.config.list_physical_devices("GPU")),
+        "onednn_opts": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default"),
+        "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "all"),
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "numpy": np.__version__,
     }
 
 
@@ -169,6 +220,8 @@ def run(params: Params) -> list[Path]:
     written = [
         write_json(paths.metrics / "metrics.json", metrics_summary(scores, best)),
         write_json(paths.metrics / "confusion.json", confusion_summary(scores.confusion, class_names)),
+        # Tracked beside the metrics: a metrics change with no input change points here.
+        write_json(paths.metrics / "environment.json", environment_record()),
         write_table(paths.metrics / "per_class.csv", scores.per_class.round(4)),
         write_table(
             paths.metrics / "predictions.csv",

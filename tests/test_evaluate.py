@@ -27,3 +27,12 @@ def test_scores_match_hand_computed_values():
 def test_shape_mismatch_is_rejected():
     with pytest.raises(ValueError, match=r"expected \(2, 3\)"):
         score_predictions(np.ones((2, 4)) / 4, np.array([0, 1]), ["a", "b", "c"])
+
+
+def test_cpu_description_keeps_the_model_and_the_flags_that_pick_kernels():
+    from tasks.evaluate import cpu_description
+
+    cpuinfo = (
+        "processor\t: 0\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fpu sse2 avx avx2 fma bmi2 sha_ni\n\nprocessor\t: 1\n"
+    )
+    assert cpu_description(cpuinfo) == ("AMD EPYC 7B13", "avx avx2 fma")

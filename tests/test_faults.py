@@ -174,15 +174,21 @@ def command_for(entry_point: str) -> list[str]:
     return [*DVC, "repro"] if entry_point == "dvc" else FLOW
 
 
+def run_killed(project: Path, command: list[str], **fault) -> subprocess.CompletedProcess:
+    """Run `command` with a FAULT_HOOKS fault that kills it; assert it failed."""
+    killed = subprocess.run(
+        command, cwd=project, env=environment_with_fault(project, **fault), capture_output=True, text=True
+    )
+    assert killed.returncode != 0, killed.stdout + killed.stderr
+    return killed
+
+
 def kill_and_resume(project: Path, entry_point: str, *, epochs: int, last_done: int, **fault) -> None:
     """Run with `fault` (which kills training), check nothing was lost, resume, check the same again."""
     edit_params(project, "train", epochs=epochs)
     lock_before = (project / "dvc.lock").read_bytes()
     command = command_for(entry_point)
-    killed = subprocess.run(
-        command, cwd=project, env=environment_with_fault(project, **fault), capture_output=True, text=True
-    )
-    assert killed.returncode != 0
+    killed = run_killed(project, command, **fault)
     if entry_point == "flow":
         assert "stage train failed" in killed.stdout + killed.stderr  # the failed run names its stage
     assert (project / "dvc.lock").read_bytes() == lock_before
@@ -207,14 +213,7 @@ def test_kill_mid_checkpoint_write_then_resume(project, entry_point):
 
 def test_kill_mid_write_leaves_a_half_written_temporary_file_only(project):
     edit_params(project, "train", epochs=4)
-    killed = subprocess.run(
-        [*DVC, "repro"],
-        cwd=project,
-        env=environment_with_fault(project, FAULT_MID_WRITE="epoch-003.keras"),
-        capture_output=True,
-        text=True,
-    )
-    assert killed.returncode != 0
+    run_killed(project, [*DVC, "repro"], FAULT_MID_WRITE="epoch-003.keras")
     (partial,) = (project / RESUME).glob(".epoch-003.keras.*.tmp.keras")
     assert partial.stat().st_size > 0  # the kill landed inside the write, not after it
     with pytest.raises(zipfile.BadZipFile):
@@ -231,14 +230,7 @@ def test_kill_during_an_epoch_then_resume(project, entry_point):
 def test_kill_between_checkpoint_and_its_history_row(project):
     # Epoch 3's checkpoint has landed; its history row (the 3rd history.csv rename) never does.
     edit_params(project, "train", epochs=4)
-    killed = subprocess.run(
-        [*DVC, "repro"],
-        cwd=project,
-        env=environment_with_fault(project, FAULT_AT_RENAME="history.csv", FAULT_AT_COUNT=3),
-        capture_output=True,
-        text=True,
-    )
-    assert killed.returncode != 0
+    run_killed(project, [*DVC, "repro"], FAULT_AT_RENAME="history.csv", FAULT_AT_COUNT=3)
     assert (project / RESUME / "epoch-003.keras").exists() and checkpoint_history(project) == [1, 2]
     kept = checkpoint_bytes(project, (1, 2))
 

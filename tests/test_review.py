@@ -6,22 +6,26 @@ import json
 import subprocess
 import sys
 
-from tests.conftest import DVC, ROOT, edit_params, run_command
+from tests.conftest import DVC, ROOT, edit_params, project_environment, run_command
 
 WORKFLOW = ROOT / ".github" / "workflows" / "pipeline-report.yml"
 CHECK_WORKFLOW = [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.github-workflows"]
 
 
-def test_report_shows_param_metrics_plots_and_reruns(project):
-    edit_params(project, "train", epochs=3)
+def change_run_commit_and_report(project, section: str, **changes) -> str:
+    """Change params, `dvc repro`, commit, and return the report of HEAD against HEAD~1."""
+    edit_params(project, section, **changes)
     run_command([*DVC, "repro"], project)
     run_command(["git", "add", "-A"], project)
-    run_command(["git", "-c", "user.name=t", "-c", "user.email=t@e", "commit", "-qm", "three epochs"], project)
-
+    run_command(["git", "-c", "user.name=t", "-c", "user.email=t@e", "commit", "-qm", f"{section}: {changes}"], project)
     run_command(
         [sys.executable, "-m", "review.report", "--base", "HEAD~1", "--rev", "HEAD", "--out", "report"], project
     )
-    report = (project / "report" / "report.md").read_text()
+    return (project / "report" / "report.md").read_text()
+
+
+def test_report_shows_param_metrics_plots_and_reruns(project):
+    report = change_run_commit_and_report(project, "train", epochs=3)
     assert "| `train.epochs` | 2 | 3 |" in report
     assert "| `test.accuracy` |" in report and "| `per_class.circle.f1` |" in report
     for stage in ("train", "select_best", "evaluate"):
@@ -58,14 +62,7 @@ def report_rows(report: str) -> dict[str, str]:
 
 
 def test_report_traces_a_data_change_back_to_the_param_behind_it(project):
-    edit_params(project, "ingest", max_per_class=10)
-    run_command([*DVC, "repro"], project)
-    run_command(["git", "add", "-A"], project)
-    run_command(["git", "-c", "user.name=t", "-c", "user.email=t@e", "commit", "-qm", "fewer images"], project)
-    run_command(
-        [sys.executable, "-m", "review.report", "--base", "HEAD~1", "--rev", "HEAD", "--out", "report"], project
-    )
-    rows = report_rows((project / "report" / "report.md").read_text())
+    rows = report_rows(change_run_commit_and_report(project, "ingest", max_per_class=10))
     # split reads data/prepared/dataset.npz, a file inside preprocess's output folder data/prepared.
     assert "`data/prepared/dataset.npz` changed (output of preprocess)" in rows["split"]
     for stage in ("preprocess", "split", "train", "evaluate"):
@@ -92,3 +89,29 @@ def test_workflow_file_passes_the_github_schema(tmp_path):
     broken = tmp_path / "broken.yml"
     broken.write_text(WORKFLOW.read_text().replace("runs-on: ubuntu-24.04", "runs_on: ubuntu-24.04"))
     assert run_command([*CHECK_WORKFLOW, str(broken)], tmp_path, check=False).returncode != 0
+
+
+def test_metrics_that_moved_with_no_input_change_name_the_environment():
+    from review.report import StageSnapshot, environment_section
+
+    stages = {"evaluate": StageSnapshot(cmd="x", outs=("m/metrics.json", "m/environment.json"))}
+    moved = {
+        "m/metrics.json": {"test.accuracy": {"old": 0.8384, "new": 0.8358}, "best_epoch": {"old": 4, "new": 4}},
+        "m/environment.json": {"cpu_flags": {"old": "avx avx2 fma", "new": "avx avx2 fma avx512f"}},
+    }
+    lines = "\n".join(environment_section(moved, stages, reruns={}))
+    assert "| `cpu_flags` | avx avx2 fma | avx avx2 fma avx512f |" in lines
+    assert "**Root cause: environment.**" in lines
+    # An input changed too: the environment is listed, but not called the cause.
+    assert "Root cause" not in "\n".join(environment_section(moved, stages, reruns={"train": object()}))
+    same = {"m/environment.json": {"cpu_flags": {"old": "avx2", "new": "avx2"}}}
+    assert environment_section(same, stages, reruns={})[0].startswith("The metrics come from the same environment")
+
+
+def test_report_lists_the_environment_a_rerun_came_from(project):
+    environment = project_environment(project.parent) | {"ONEDNN_MAX_CPU_ISA": "AVX2"}
+    run_command([*DVC, "repro", "--force", "--single-item", "evaluate"], project, environment=environment)
+    run_command([sys.executable, "-m", "review.report", "--base", "HEAD", "--out", "report"], project)
+    report = (project / "report" / "report.md").read_text()
+    assert "| `onednn_max_cpu_isa` | all | AVX2 |" in report
+    assert "No stage reran" in report

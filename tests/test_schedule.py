@@ -17,14 +17,16 @@ DEPLOYMENT = "cifar10-pipeline/nightly"
 
 def start_serving(project, environment: dict | None = None) -> subprocess.Popen:
     """`python -m flows.schedule` in its own process group, serving from `project`."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "flows.schedule", "--cron", CRON],
-        cwd=project,
-        env=(environment or project_environment(project.parent)) | {"PREFECT_RUNNER_POLL_FREQUENCY": "2"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    # Its output goes to a log beside the project, to read when a test fails.
+    with open(project.parent / "schedule.log", "a") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "flows.schedule", "--cron", CRON],
+            cwd=project,
+            env=(environment or project_environment(project.parent)) | {"PREFECT_RUNNER_POLL_FREQUENCY": "2"},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
 @pytest.fixture
@@ -58,8 +60,6 @@ def _trigger_and_wait(client, deployment_id, count: int, timeout_s: float = 600)
 
 
 def test_scheduled_deployment_runs_one_at_a_time_and_publishes_artifacts(served):
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-    from prefect.client.schemas.sorting import ArtifactSort
 
     project, api_url = served
     with prefect_client(api_url) as client:
@@ -73,11 +73,7 @@ def test_scheduled_deployment_runs_one_at_a_time_and_publishes_artifacts(served)
         edit_params(project, "train", epochs=3)
         (first,) = _trigger_and_wait(client, deployment.id, 1)
         assert first.state.is_completed(), first.state
-        latest = client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["cifar10-pipeline-run"])),
-            sort=ArtifactSort.CREATED_DESC,
-            limit=1,
-        )[0]
+        latest = _latest_artifacts(client, "cifar10-pipeline-run", 1)[0]
         assert "ran train, select_best, evaluate" in latest.data and "train.epochs" in latest.data
         assert "up to date" in run_command([*DVC, "status"], project).stdout
 
@@ -85,18 +81,10 @@ def test_scheduled_deployment_runs_one_at_a_time_and_publishes_artifacts(served)
         assert all(run.state.is_completed() for run in both), [run.state for run in both]
         earlier, later = sorted(both, key=lambda run: run.start_time)
         assert earlier.end_time <= later.start_time  # never overlapping
-        summaries = client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["cifar10-pipeline-run"])),
-            sort=ArtifactSort.CREATED_DESC,
-            limit=2,
-        )
+        summaries = _latest_artifacts(client, "cifar10-pipeline-run", 2)
         assert all("up to date, no stage ran" in artifact.data for artifact in summaries)
         metrics = json.loads((project / "artifacts/metrics/metrics.json").read_text())
-        table = client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["cifar10-pipeline-metrics"])),
-            sort=ArtifactSort.CREATED_DESC,
-            limit=1,
-        )[0]
+        table = _latest_artifacts(client, "cifar10-pipeline-metrics", 1)[0]
         data = json.loads(table.data) if isinstance(table.data, str) else table.data
         rows = {row["metric"]: row["value"] for row in data}
         assert rows["test accuracy"] == metrics["test"]["accuracy"]
@@ -107,12 +95,17 @@ def test_scheduled_deployment_runs_one_at_a_time_and_publishes_artifacts(served)
         edit_params(project, "ingest", source="broken.zip")
         (failed,) = _trigger_and_wait(client, deployment.id, 1)
         assert failed.state.is_failed(), failed.state
-        summary = client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["cifar10-pipeline-run"])),
-            sort=ArtifactSort.CREATED_DESC,
-            limit=1,
-        )[0]
+        summary = _latest_artifacts(client, "cifar10-pipeline-run", 1)[0]
         assert "failed at ingest" in summary.data and "broken.zip: not a readable zip archive" in summary.data
+
+
+def _latest_artifacts(client, key: str, count: int = 1) -> list:
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    return client.read_artifacts(
+        artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])), sort=ArtifactSort.CREATED_DESC, limit=count
+    )
 
 
 def _deployment(client, project):
@@ -171,7 +164,11 @@ def _kill_while_training(project, client, deployment_id, runner) -> tuple:
         "the run to finish epoch 1 and hold still before landing epoch 2",
     )
     first_epoch = checkpoint_bytes(project, (1,))
-    os.killpg(runner.pid, signal.SIGKILL)  # the scheduler, the flow run and its training, at once
+    # The flow run's process (it recorded itself) leads a session of its own, with dvc and
+    # training under it: kill it and the scheduler at once, as a reboot or an OOM kill of both would.
+    flow_pid = int(client.read_flow_run(run.id).infrastructure_pid.split(":")[1])
+    for group in {os.getpgid(flow_pid), runner.pid}:
+        os.killpg(group, signal.SIGKILL)
     runner.wait(timeout=30)
     return run, first_epoch
 
