@@ -239,10 +239,20 @@ def this_boot() -> tuple[str, str]:
     return socket.gethostname(), Path("/proc/sys/kernel/random/boot_id").read_text().strip()
 
 
+def process_start(pid: int) -> str | None:
+    """When process `pid` started (clock ticks since boot, /proc/<pid>/stat), or None when there is none."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # Field 22; the command name (field 2) is in parentheses and may hold spaces.
+    return stat.rpartition(")")[2].split()[19]
+
+
 def process_tag() -> str:
-    """`host:pid:boot id` of this process: enough to tell later, on this host, whether it is still alive."""
+    """`host:pid:start:boot id` of this process: on this host, tells it apart from a later one with its pid."""
     host, boot_id = this_boot()
-    return f"{host}:{os.getpid()}:{boot_id}"
+    return f"{host}:{os.getpid()}:{process_start(os.getpid())}:{boot_id}"
 
 
 def record_run_process() -> None:

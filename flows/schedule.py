@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import sys
 from pathlib import Path
@@ -27,7 +26,7 @@ from pathlib import Path
 from prefect import serve
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 
-from flows.pipeline import cifar10_pipeline, this_boot
+from flows.pipeline import cifar10_pipeline, process_start, this_boot
 
 log = logging.getLogger("flows.schedule")
 
@@ -47,19 +46,14 @@ def build_deployment(*, name: str, cron: str, root: Path):
 
 
 def process_alive(tag: str | None) -> bool:
-    """Whether the process a run recorded (`host:pid:boot id`) is alive on this host now."""
-    if not tag or tag.count(":") < 2:
+    """Whether the process a run recorded (`host:pid:start:boot id`) is alive on this host now."""
+    if not tag or tag.count(":") < 3:
         return False  # never recorded: the run died before its flow started (Pending, Submitting)
-    host, pid, boot_id = tag.rsplit(":", 2)
+    host, pid, start, boot_id = tag.rsplit(":", 3)
     if (host, boot_id) != this_boot():
         return False  # another boot of this machine: every process of it is gone
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # alive, owned by someone else
-    return True
+    # The start time, not the pid alone: pids wrap around (32,768 here) and get reused, by threads too.
+    return process_start(int(pid)) == start
 
 
 def crash_dead_runs(deployment_name: str) -> list[str]:
@@ -91,6 +85,12 @@ def crash_dead_runs(deployment_name: str) -> list[str]:
         crashed = []
         for run in stuck:
             if process_alive(run.infrastructure_pid):
+                log.info(
+                    "flow run %s is %s and its process %s is alive: left alone",
+                    run.name,
+                    run.state_name,
+                    run.infrastructure_pid,
+                )
                 continue
             # force: a Cancelling run may not become Crashed otherwise; Prefect's rule that releases
             # the deployment's concurrency slot still runs on a forced transition.

@@ -234,3 +234,21 @@ def test_server_and_scheduler_killed_together_recover_on_restart(project, tmp_pa
     finally:
         stop_process(runner)
         stop_process(server)
+
+
+def test_a_recorded_process_counts_as_alive_only_while_that_very_process_runs():
+    from flows.pipeline import process_start, process_tag
+    from flows.schedule import process_alive
+
+    tag = process_tag()
+    host, pid, start, boot_id = tag.rsplit(":", 3)
+    assert process_alive(tag)
+    assert not process_alive(f"{host}:{pid}:{int(start) + 1}:{boot_id}")  # the pid, reused by a later process
+    assert not process_alive(f"{host}:{pid}:{start}:another-boot")
+    assert not process_alive(None)  # a run that never recorded a process
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    child_tag = f"{host}:{child.pid}:{process_start(child.pid)}:{boot_id}"
+    assert process_alive(child_tag)
+    child.kill()
+    child.wait(timeout=10)
+    assert not process_alive(child_tag)
