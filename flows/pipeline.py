@@ -31,7 +31,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from tasks.cli import EXIT_BAD_INPUT
-from tasks.ingest import RESTORE_HINT, fetch_source
+from tasks.ingest import RESTORE_HINT, fetch_source, source_pointer
 from tasks.io import DataError, read_json
 from tasks.params import DEFAULT_PARAMS_PATH, ParamsError, flatten_params, load_params
 
@@ -326,12 +326,12 @@ def publish_failure(outcomes: list[StageOutcome], error: Exception) -> None:
 def ensure_source(root: Path, ingest) -> None:
     """Bring the dataset source in when missing (`dvc pull` its pointer, or download its URL); refuse a modified one."""
     source = root / ingest.source
-    pointer = source.with_name(source.name + ".dvc")
+    pointer = source_pointer(source)
     if source.exists():
-        if pointer.exists():
+        if pointer is not None:
             refuse_modified_source(root, pointer)
         return
-    if pointer.exists():
+    if pointer is not None:
         get_run_logger().info("pulling %s with DVC", pointer.relative_to(root))
         pulled = subprocess.run(
             [sys.executable, "-m", "dvc", "pull", str(pointer)], cwd=root, capture_output=True, text=True
