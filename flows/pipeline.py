@@ -211,9 +211,32 @@ def _stage_task(stage: str):
 PIPELINE = tuple(_stage_task(stage) for stage in STAGES)
 
 
+@task(name="promote", cache_policy=NO_CACHE, persist_result=False)
+def promote_challenger(root: Path) -> dict:
+    """Run the promotion gate (`python -m tasks.promote`) on the evaluated workspace; publish its decision."""
+    logger = get_run_logger()
+    result = subprocess.run(
+        [sys.executable, "-m", "tasks.promote"], cwd=root, env=_stage_environment(), capture_output=True, text=True
+    )
+    for line in result.stderr.splitlines():
+        logger.info("promote | %s", line)
+    if result.returncode != 0:
+        message = result.stderr[result.stderr.rfind("error: ") :].removeprefix("error: ").strip()
+        error_type = StageBadInputError if result.returncode == EXIT_BAD_INPUT else StageFailedError
+        raise error_type(f"promote failed (exited {result.returncode}): {message or 'see its output above'}")
+    decision = read_json(root / load_params(root / DEFAULT_PARAMS_PATH).paths.promotion / "decision.json")
+    where = f" Registered as `{decision['version']}` on branch `{decision['branch']}`." if decision["branch"] else ""
+    create_markdown_artifact(
+        key=PROMOTION_ARTIFACT_KEY,
+        markdown=f"# Promotion: {decision['decision']}\n\n{decision['reason']}.{where}\n",
+        description="the champion/challenger gate's decision",
+    )
+    return decision
+
+
 @flow(name="cifar10-pipeline", persist_result=False)
-def cifar10_pipeline(root: str = ".") -> list[StageOutcome]:
-    """Validate params.yaml, make sure the source is present, then run each stage that DVC finds stale."""
+def cifar10_pipeline(root: str = ".", promote: bool = False) -> list[StageOutcome]:
+    """Validate params.yaml, make sure the source is present, run each stale stage, then the gate if `promote`."""
     logger = get_run_logger()
     record_run_process()
     root_path = Path(root).resolve()
@@ -224,6 +247,8 @@ def cifar10_pipeline(root: str = ".") -> list[StageOutcome]:
             ensure_source(root_path, params.ingest)
             for stage_task in PIPELINE:
                 outcomes.append(stage_task(root_path))
+            if promote:
+                promote_challenger(root_path)
     except Exception as error:
         # A failed run still says what it did and where it stopped, in the same artifact.
         publish_failure(outcomes, error)
@@ -240,13 +265,16 @@ def this_boot() -> tuple[str, str]:
 
 
 def process_start(pid: int) -> str | None:
-    """When process `pid` started (clock ticks since boot, /proc/<pid>/stat), or None when there is none."""
+    """When process `pid` started (clock ticks since boot, /proc/<pid>/stat), or None when it is gone or a zombie."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    # Field 22; the command name (field 2) is in parentheses and may hold spaces.
-    return stat.rpartition(")")[2].split()[19]
+    # The command name (field 2) is in parentheses and may hold spaces; state is field 3, start time field 22.
+    fields = stat.rpartition(")")[2].split()
+    # A killed process whose parent is gone too waits as a zombie until init reaps it, and some
+    # container inits never do: it has kept its pid and start time but runs nothing.
+    return None if fields[0] in ("Z", "X") else fields[19]
 
 
 def process_tag() -> str:
@@ -266,6 +294,7 @@ def record_run_process() -> None:
 
 RUN_ARTIFACT_KEY = "cifar10-pipeline-run"
 METRICS_ARTIFACT_KEY = "cifar10-pipeline-metrics"
+PROMOTION_ARTIFACT_KEY = "cifar10-promotion"
 
 
 def _stage_rows(outcomes: list[StageOutcome]) -> list[str]:
@@ -367,11 +396,14 @@ def main() -> None:
         description=__doc__.splitlines()[0],
         epilog="Params come from params.yaml in the project root; try other values with `dvc exp run -S key=value`.",
     )
-    parser.parse_args()
+    parser.add_argument(
+        "--promote", action="store_true", help="then promote the model if it beats prod's (python -m tasks.promote)"
+    )
+    arguments = parser.parse_args()
     # Exit through Python on SIGTERM so Prefect stops its temporary server instead of orphaning it.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
-        cifar10_pipeline()
+        cifar10_pipeline(promote=arguments.promote)
     except (ParamsError, DataError, StageFailedError, PipelineBusyError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(exit_status(error))

@@ -34,12 +34,12 @@ DEFAULT_CRON = "0 2 * * *"  # nightly, 02:00 in the server's time zone (UTC by d
 DEFAULT_NAME = "nightly"
 
 
-def build_deployment(*, name: str, cron: str, root: Path):
+def build_deployment(*, name: str, cron: str, root: Path, promote: bool = False):
     """The flow as a deployment: cron schedule, this workspace, at most one run at a time."""
     return cifar10_pipeline.to_deployment(
         name=name,
         cron=cron,
-        parameters={"root": str(root.resolve())},
+        parameters={"root": str(root.resolve()), "promote": promote},
         concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE),
         description="Runs every stale stage of the CIFAR-10 pipeline; up to date runs finish in seconds.",
     )
@@ -109,12 +109,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cron", default=DEFAULT_CRON, help=f"cron schedule (default: {DEFAULT_CRON!r}, nightly)")
     parser.add_argument("--name", default=DEFAULT_NAME, help=f"deployment name (default: {DEFAULT_NAME})")
+    parser.add_argument(
+        "--promote",
+        action="store_true",
+        help="end each run with the promotion gate: a winner is committed on a branch of its own and registered",
+    )
     arguments = parser.parse_args()
     # SIGTERM (from a service manager) stops serving the way Ctrl-C does.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     crash_dead_runs(f"{cifar10_pipeline.name}/{arguments.name}")
-    deployment = build_deployment(name=arguments.name, cron=arguments.cron, root=Path.cwd())
+    deployment = build_deployment(name=arguments.name, cron=arguments.cron, root=Path.cwd(), promote=arguments.promote)
     serve(deployment, pause_on_shutdown=False, print_starting_message=True)
 
 

@@ -219,6 +219,35 @@ def render_confusions(plots: dict, predictions: str | None, out: Path) -> dict[s
     return images
 
 
+def significance_line(plots: dict, predictions: str | None, base: str, rev: str) -> str:
+    """Whether test accuracy differs between the two revisions beyond noise: exact McNemar on paired predictions."""
+    import numpy as np
+
+    from tasks.promote import compare
+
+    rows = plots.get(predictions, [{}])[0].get("content", {}).get("data", {}).get("values", [])
+    by_rev: dict[str, list[dict]] = {}
+    for row in rows:  # each revision's rows in file order: one per test image
+        by_rev.setdefault(row["rev"], []).append(row)
+    if len(by_rev) != 2:
+        return "Test accuracy: no paired test (predictions of only one revision)."
+    (old_name, old), (new_name, new) = sorted(by_rev.items(), key=lambda item: item[0] != base)
+    actual = [row["actual"] for row in old]
+    if actual != [row["actual"] for row in new]:
+        return "Test accuracy: no paired test (the revisions predicted different test images)."
+    result = compare(
+        np.asarray(actual),
+        np.asarray([row["predicted"] for row in old]),
+        np.asarray([row["predicted"] for row in new]),
+    )
+    verdict = f"significant at 0.05 (p = {result.p_value:.3g})" if result.p_value < 0.05 else "within noise"
+    return (
+        f"Test accuracy {result.champion_accuracy:.4f} → {result.challenger_accuracy:.4f}: **{verdict}** "
+        f"(exact McNemar on {result.images} paired images: {result.champion_only} right only at `{old_name}`, "
+        f"{result.challenger_only} right only at `{new_name}`, p = {result.p_value:.3g})."
+    )
+
+
 def _safe(rev: str) -> str:
     return "".join(character if character.isalnum() else "_" for character in rev)
 
@@ -305,6 +334,7 @@ def build_report(root: Path, base: str, rev: str, out: Path) -> Path:
     confusions = render_confusions(plot_data, output_named(snapshots[rev], PREDICTIONS_NAME), out)
     lines = [f"# Pipeline report: `{rev}` against `{base}`", "", "## Params", "", *params_section(params)]
     lines += ["", "## Metrics", "", *metrics_section(metrics, output_named(snapshots[rev], METRICS_NAME))]
+    lines += ["", significance_line(plot_data, output_named(snapshots[rev], PREDICTIONS_NAME), base, rev)]
     lines += ["", "## Stages", "", *reruns_section(reruns, list(snapshots[rev]))]
     lines += ["", "## Environment", "", *environment_section(metrics, snapshots[rev], reruns)]
     lines += ["", "## Plots", ""]

@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from tasks.io import DataError
+from tasks.numerics import apply_numerics
 from tasks.params import DEFAULT_PARAMS_PATH, Params, ParamsError, load_params
 
 StageRun = Callable[[Params], list[Path]]
@@ -77,11 +78,11 @@ def run_stage(commands: StageRun | Mapping[str, StageRun], description: str | No
     configure_logging()
     # Hide TensorFlow's C++ INFO/WARNING banners (CUDA probing, oneDNN notes); errors still show.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    # oneDNN kernels are only on by default for AVX-512 CPUs; on AVX2 machines they halve
-    # conv training time (measured in docs/speed.md). Set before TensorFlow is first imported.
-    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
     try:
-        written = commands[chosen](load_params(arguments.params))
+        params = load_params(arguments.params)
+        # Before TensorFlow is first imported: oneDNN reads its settings once.
+        apply_numerics(params.numerics)
+        written = commands[chosen](params)
     except (ParamsError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)

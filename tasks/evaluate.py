@@ -13,7 +13,7 @@ import pandas as pd
 
 from tasks.cli import run_stage
 from tasks.io import DataError, atomic_path, load_model, read_arrays, read_json, read_table, write_json, write_table
-from tasks.params import Params
+from tasks.params import NumericsParams, Params
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +106,8 @@ def cpu_description(cpuinfo: str) -> tuple[str, str]:
     )
 
 
-def environment_record() -> dict:
-    """What produced the metrics: CPU model and ISA flags, cores, oneDNN settings and library versions."""
+def environment_record(numerics: NumericsParams) -> dict:
+    """What produced the metrics: CPU model and ISA flags, cores, numerics mode, oneDNN settings, library versions."""
     import keras
     import tensorflow as tf
 
@@ -121,8 +121,10 @@ def environment_record() -> dict:
         "cpu_flags": flags,
         "cpu_count": os.cpu_count(),
         "gpus": len(tf.config.list_physical_devices("GPU")),
+        "numerics": numerics.mode,
         "onednn_opts": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default"),
         "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "all"),
+        "intra_op_threads": os.environ.get("TF_NUM_INTRAOP_THREADS", "all cores"),
         "python": platform.python_version(),
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
@@ -221,7 +223,7 @@ def run(params: Params) -> list[Path]:
         write_json(paths.metrics / "metrics.json", metrics_summary(scores, best)),
         write_json(paths.metrics / "confusion.json", confusion_summary(scores.confusion, class_names)),
         # Tracked beside the metrics: a metrics change with no input change points here.
-        write_json(paths.metrics / "environment.json", environment_record()),
+        write_json(paths.metrics / "environment.json", environment_record(params.numerics)),
         write_table(paths.metrics / "per_class.csv", scores.per_class.round(4)),
         write_table(
             paths.metrics / "predictions.csv",

@@ -97,11 +97,13 @@ def _directory_members(root: Path) -> Iterator[ImageFile]:
             yield ImageFile(*located, read=path.read_bytes)
 
 
-def decode_image(payload: bytes, image_size: int, origin: str) -> np.ndarray:
-    """Decode one PNG/JPEG into a uint8 (image_size, image_size, 3) array, rejecting other shapes or modes."""
+def decode_image(payload: bytes, image_size: int, origin: str, *, resize: bool = False) -> np.ndarray:
+    """Decode a PNG/JPEG to uint8 (size, size, 3); other sizes or modes are refused, or converted with `resize`."""
     try:
         with Image.open(io.BytesIO(payload)) as image:
             image.load()
+            if resize and (image.mode != "RGB" or image.size != (image_size, image_size)):
+                image = image.convert("RGB").resize((image_size, image_size), Image.Resampling.BICUBIC)
             if image.mode != "RGB":
                 raise DataError(f"{origin}: image mode is {image.mode}, expected RGB")
             if image.size != (image_size, image_size):

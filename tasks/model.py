@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import keras
 import numpy as np
 from keras import layers, ops
 
 
 def build_tutorial_cnn(input_shape: tuple[int, int, int], num_classes: int) -> keras.Model:
-    """The tutorial's CNN, layer for layer, with the [0, 255] -> [0, 1] rescale moved inside."""
+    """The tutorial's CNN, layer for layer: the [0, 255] -> [0, 1] rescale moved inside, softmax a layer of its own."""
     return keras.Sequential(
         [
             keras.Input(shape=input_shape, dtype="uint8"),
@@ -23,10 +25,65 @@ def build_tutorial_cnn(input_shape: tuple[int, int, int], num_classes: int) -> k
             layers.Flatten(),
             layers.Dense(500, activation="relu"),
             layers.Dropout(0.4),
-            layers.Dense(num_classes, activation="softmax"),
+            layers.Dense(num_classes),
+            ExactSoftmax(),
         ],
         name="tutorial_cnn",
     )
+
+
+# Exactly rounded layers. TensorFlow's CPU kernels for rsqrt, reciprocal, erfc and softmax start
+# from the CPU's approximate reciprocal instructions (vrsqrtps, vrcpps) plus one Newton step, and
+# those approximations differ between Intel and AMD: the same training gives other weights on
+# each. Keras' BatchNormalization (rsqrt), GELU (erfc) and softmax use them; the layers below
+# compute the same functions from sqrt, division, erf and exp, whose results are the same on
+# every x86 CPU. tests/test_numerics.py checks that no training or inference graph uses them.
+
+
+@keras.saving.register_keras_serializable(package="tasks")
+class ExactBatchNormalization(layers.BatchNormalization):
+    """BatchNormalization that divides by sqrt(variance + epsilon) instead of multiplying by rsqrt."""
+
+    def call(self, inputs, training=None, mask=None):
+        if mask is not None or self.renorm:
+            raise ValueError(f"{self.name}: masks and renorm are not supported")
+        inputs = ops.cast(inputs, "float32")
+        if training and self.trainable:
+            mean, variance = self._moments(inputs, None)
+            self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1.0 - self.momentum))
+            self.moving_variance.assign(self.moving_variance * self.momentum + variance * (1.0 - self.momentum))
+        else:
+            mean, variance = self.moving_mean, self.moving_variance
+        shape = [1] * len(inputs.shape)
+        shape[self.axis] = inputs.shape[self.axis]
+        outputs = (inputs - ops.reshape(mean, shape)) / ops.sqrt(ops.reshape(variance, shape) + self.epsilon)
+        if self.scale:
+            outputs = outputs * ops.reshape(self.gamma, shape)
+        if self.center:
+            outputs = outputs + ops.reshape(self.beta, shape)
+        return ops.cast(outputs, self.compute_dtype)
+
+
+@keras.saving.register_keras_serializable(package="tasks")
+class ErfGelu(layers.Layer):
+    """GELU, x * Phi(x), written with erf (TensorFlow's own gelu uses erfc)."""
+
+    def call(self, inputs):
+        return 0.5 * inputs * (1.0 + ops.erf(inputs * 0.7071067811865476))
+
+
+@keras.saving.register_keras_serializable(package="tasks")
+class ExactSoftmax(layers.Layer):
+    """Softmax over the last axis as exp(x - max) / sum, by division (TensorFlow's uses a reciprocal)."""
+
+    def call(self, inputs):
+        exponentials = ops.exp(inputs - ops.max(inputs, axis=-1, keepdims=True))
+        probabilities = exponentials / ops.sum(exponentials, axis=-1, keepdims=True)
+        # As Keras' own softmax does: the loss then works from the logits (softmax cross-entropy
+        # with logits), not from log(probabilities), whose gradient takes a reciprocal.
+        with contextlib.suppress(AttributeError):  # eager tensors take no attributes
+            probabilities._keras_logits = inputs
+        return probabilities
 
 
 # CIFAR-10's per-channel mean and standard deviation of [0, 1] pixels: fixed, so the model
@@ -84,11 +141,11 @@ BATCHNORM_BIAS_MULTIPLIER = 8.0
 
 
 def _norm_gelu(x):
-    """BatchNorm (no scale; bias at 64x learning rate) then GELU."""
+    """BatchNorm (no scale; bias at 64x learning rate) then GELU, both exactly rounded."""
     # Momentum 0.6: short runs need running statistics that follow the fast-moving weights.
-    x = layers.BatchNormalization(momentum=0.6, center=False, scale=False)(x)
+    x = ExactBatchNormalization(momentum=0.6, center=False, scale=False)(x)
     x = ScaledBias(BATCHNORM_BIAS_MULTIPLIER)(x)
-    return layers.Activation("gelu")(x)
+    return ErfGelu()(x)
 
 
 def _speed_block(x, width: int, name: str):
@@ -132,7 +189,7 @@ def build_speed_cnn(
         x = FlipCopies()(x)
     # Frozen patch-whitening stem (initialize_speed_cnn sets it); only its bias learns.
     x = layers.Conv2D(STEM_WIDTH, STEM_KERNEL, use_bias=False, trainable=False, name="whitening")(x)
-    x = layers.Activation("gelu")(ScaledBias()(x))
+    x = ErfGelu()(ScaledBias()(x))
     for index, width in enumerate(widths, start=1):
         x = _speed_block(x, width, name=f"block{index}")
     x = layers.GlobalMaxPooling2D()(x)
@@ -141,7 +198,7 @@ def build_speed_cnn(
     x = layers.Rescaling(1.0 / 9)(x)
     if test_time_flip:
         x = MergeFlipCopies()(x)
-    outputs = layers.Activation("softmax")(x)
+    outputs = ExactSoftmax()(x)
     return keras.Model(inputs, outputs, name="speed_cnn")
 
 

@@ -35,6 +35,8 @@ class PathsParams(_Section):
     # Resume state of a training run (checkpoints so far): outside every DVC output, so
     # DVC's run cache stays on for train and a killed run still finds its epochs.
     resume: Path
+    # tasks.promote's decision and model card (git-tracked; committed on each promotion's branch).
+    promotion: Path = Path("artifacts/promotion")
 
 
 class IngestParams(_Section):
@@ -128,13 +130,30 @@ class SelectBestParams(_Section):
     mode: Literal["min", "max"]
 
 
+class NumericsParams(_Section):
+    # portable: byte-identical results on every CPU of the pool (oneDNN capped at AVX2 kernels,
+    # a fixed thread count); native: every instruction set the CPU has, for speed (tasks/numerics.py).
+    mode: Literal["portable", "native"] = "portable"
+    # Threads that split each kernel's work in portable mode; native mode uses every core.
+    threads: PositiveInt = 2
+
+
+class PromoteParams(_Section):
+    # Smallest gain in test accuracy (a fraction: 0.005 is half a point) worth replacing prod's model.
+    min_gain: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)] = 0.005
+    # Significance level of the exact McNemar test on the two models' paired test predictions.
+    alpha: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] = 0.05
+
+
 class Params(_Section):
     seed: Annotated[int, Field(ge=0, strict=True)]
+    numerics: NumericsParams = NumericsParams()
     paths: PathsParams
     ingest: IngestParams
     split: SplitParams
     train: TrainParams
     select_best: SelectBestParams
+    promote: PromoteParams = PromoteParams()
 
 
 def _describe(error: dict) -> str:

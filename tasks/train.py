@@ -48,9 +48,15 @@ def checkpoint_name(epoch: int) -> str:
     return f"epoch-{epoch:03d}.keras"
 
 
-def run_fingerprint(train: TrainParams, *, seed: int, data_sha256: str, code_sha256: str) -> dict:
-    """What a checkpoint folder must match to be resumed: params, seed, data and code."""
-    return {"train": train.model_dump(), "seed": seed, "data_sha256": data_sha256, "code_sha256": code_sha256}
+def run_fingerprint(params: Params, *, data_sha256: str, code_sha256: str) -> dict:
+    """What a checkpoint folder must match to be resumed: train params, seed, numerics, data and code."""
+    return {
+        "train": params.train.model_dump(),
+        "seed": params.seed,
+        "numerics": params.numerics.model_dump(),
+        "data_sha256": data_sha256,
+        "code_sha256": code_sha256,
+    }
 
 
 def resumable_history(checkpoints: Path, fingerprint: dict) -> list[dict]:
@@ -202,11 +208,11 @@ def fit(
 
 def code_fingerprint() -> str:
     """sha256 over the source of every module training runs: the train stage's code deps in dvc.yaml."""
-    from tasks import cli, io, model
+    from tasks import cli, io, model, numerics
     from tasks import params as params_module
 
     digest = hashlib.sha256()
-    for module_file in sorted(Path(module.__file__) for module in (cli, io, model, params_module)):
+    for module_file in sorted(Path(module.__file__) for module in (cli, io, model, numerics, params_module)):
         digest.update(module_file.read_bytes())
     digest.update(Path(__file__).read_bytes())
     return digest.hexdigest()
@@ -237,9 +243,7 @@ def run(params: Params) -> list[Path]:
     num_classes = int(report["num_classes"])
     if arrays["y_train"].size == 0 or arrays["y_val"].size == 0:
         raise DataError(f"{source}: train and validation sets must both hold images")
-    fingerprint = run_fingerprint(
-        params.train, seed=params.seed, data_sha256=sha256_file(source), code_sha256=code_fingerprint()
-    )
+    fingerprint = run_fingerprint(params, data_sha256=sha256_file(source), code_sha256=code_fingerprint())
     log.info(
         "training %s on %d images (%d validation) for %d epochs, batch size %d",
         params.train.model,

@@ -142,6 +142,18 @@ def params_path(tmp_path, image_folder) -> Path:
     return path
 
 
+@pytest.fixture
+def split_params(params_path) -> Path:
+    """`params_path` after ingest, preprocess and split have run in this process: ready to train."""
+    from tasks import ingest, preprocess, split
+    from tasks.params import load_params
+
+    params = load_params(params_path)
+    for module in (ingest, preprocess, split):
+        module.run(params)
+    return params_path
+
+
 def project_environment(home: Path) -> dict[str, str]:
     """Environment for subprocesses: this interpreter first on PATH, Prefect and DVC kept offline and local."""
     environment = dict(os.environ)

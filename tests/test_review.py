@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
 
+import pandas as pd
+
+from tasks.promote import compare
 from tests.conftest import DVC, ROOT, edit_params, project_environment, run_command
 
 WORKFLOW = ROOT / ".github" / "workflows" / "pipeline-report.yml"
+PREDICTIONS = "artifacts/metrics/predictions.csv"
 CHECK_WORKFLOW = [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.github-workflows"]
 
 
@@ -26,6 +31,14 @@ def change_run_commit_and_report(project, section: str, **changes) -> str:
 
 def test_report_shows_param_metrics_plots_and_reruns(project):
     report = change_run_commit_and_report(project, "train", epochs=3)
+    # Test accuracy's paired significance, computed here from the two committed prediction files.
+    old, new = (
+        pd.read_csv(io.StringIO(run_command(["git", "show", f"{rev}:{PREDICTIONS}"], project).stdout))
+        for rev in ("HEAD~1", "HEAD")
+    )
+    expected = compare(old["actual"].to_numpy(), old["predicted"].to_numpy(), new["predicted"].to_numpy())
+    assert f"{expected.champion_only} right only at `HEAD~1`, {expected.challenger_only} right only at `HEAD`" in report
+    assert ("**significant at 0.05" if expected.p_value < 0.05 else "**within noise**") in report
     assert "| `train.epochs` | 2 | 3 |" in report
     assert "| `test.accuracy` |" in report and "| `per_class.circle.f1` |" in report
     for stage in ("train", "select_best", "evaluate"):
@@ -108,7 +121,11 @@ def test_metrics_that_moved_with_no_input_change_name_the_environment():
     assert environment_section(same, stages, reruns={})[0].startswith("The metrics come from the same environment")
 
 
-def test_report_lists_the_environment_a_rerun_came_from(project):
+def test_report_shows_the_numerics_mode_and_the_environment_a_rerun_came_from(project):
+    report = change_run_commit_and_report(project, "numerics", mode="native")
+    assert "| `numerics.mode` | 'portable' | 'native' |" in report
+    assert "| `numerics` | portable | native |" in report  # environment.json's record of it
+    # Native mode takes the shell's oneDNN settings: the same commit, another environment.
     environment = project_environment(project.parent) | {"ONEDNN_MAX_CPU_ISA": "AVX2"}
     run_command([*DVC, "repro", "--force", "--single-item", "evaluate"], project, environment=environment)
     run_command([sys.executable, "-m", "review.report", "--base", "HEAD", "--out", "report"], project)

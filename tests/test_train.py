@@ -9,18 +9,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from tasks import ingest, preprocess, split, train
+from tasks import train
 from tasks.io import DataError, sha256_file
 from tasks.params import load_params
 from tasks.train import TrainingDivergedError
-
-
-@pytest.fixture
-def split_params(params_path):
-    params = load_params(params_path)
-    for module in (ingest, preprocess, split):
-        module.run(params)
-    return params_path
 
 
 def with_train(path, **changes):

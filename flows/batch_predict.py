@@ -1,0 +1,121 @@
+"""Batch inference: predict every new image in a folder exactly once, now or on a cron schedule.
+
+    python -m flows.batch_predict INCOMING --out RESULTS [--model prod] [--resize]
+    python -m flows.batch_predict INCOMING --out RESULTS --serve [--cron "*/15 * * * *"]
+
+Each run writes one CSV into RESULTS (atomically: a whole batch or none) with a row per new
+image: path, sha256 of its content, predicted class, the probability of every class, or why it
+was skipped. An image is new when no batch file in RESULTS holds its sha256, so a renamed or
+copied file is not predicted again and a run that died before writing its batch leaves nothing
+behind that would stop the next run from predicting those images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pandas as pd
+from prefect import flow, serve, task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+
+from tasks.io import atomic_path
+from tasks.numerics import apply_numerics
+from tasks.params import load_params
+from tasks.predict import ImageSource, image_sources, predict_sources, resolve_model
+
+log = logging.getLogger("flows.batch_predict")
+
+BATCH_GLOB = "batch-*.csv"
+
+
+@task(cache_policy=NO_CACHE, persist_result=False)
+def unseen_images(incoming: Path, results: Path) -> list[tuple[ImageSource, str]]:
+    """(image, sha256) under `incoming` for each content that no batch in `results` holds, first name first."""
+    seen: set[str] = set()
+    for batch in sorted(results.glob(BATCH_GLOB)):
+        seen.update(pd.read_csv(batch, usecols=["sha256"])["sha256"])
+    fresh = []
+    for source in image_sources([incoming]):
+        digest = hashlib.sha256(source.read()).hexdigest()
+        if digest not in seen:
+            seen.add(digest)
+            fresh.append((source, digest))
+    log.info("%d new images under %s", len(fresh), incoming)
+    return fresh
+
+
+@task(cache_policy=NO_CACHE, persist_result=False)
+def predict_batch(images: list[tuple[ImageSource, str]], root: Path, model: str, resize: bool, results: Path) -> Path:
+    """Predict `images` and write them, and the skipped ones with their reason, as one new batch file."""
+    params = load_params(root / "params.yaml")
+    with resolve_model(model, params, root) as predictor:
+        table, skipped = predict_sources([source for source, _ in images], predictor, resize=resize)
+    skipped_rows = pd.DataFrame({"path": [name for name, _ in skipped], "skipped": [why for _, why in skipped]})
+    batch = pd.concat([table.assign(skipped=""), skipped_rows], ignore_index=True)
+    batch.insert(1, "sha256", batch["path"].map({source.name: digest for source, digest in images}))
+    # Named by time and content: a sorted listing reads in arrival order, and two runs never collide.
+    digest = hashlib.sha256("".join(sorted(digest for _, digest in images)).encode()).hexdigest()[:8]
+    path = results / f"batch-{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{digest}.csv"
+    results.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path, suffix=".csv") as temporary:
+        batch.to_csv(temporary, index=False)
+    create_table_artifact(
+        table=batch[["path", "predicted", "skipped"]].fillna("").to_dict("records"),
+        key="cifar10-batch-predictions",
+        description=f"{len(table)} images predicted, {len(skipped)} skipped: {path}",
+    )
+    return path
+
+
+@flow(name="cifar10-batch-predict", persist_result=False)
+def batch_predict(incoming: str, results: str, model: str = "prod", resize: bool = False, root: str = ".") -> str:
+    """Predict the images under `incoming` that no batch in `results` holds; the new batch file ("" if none)."""
+    root_path = Path(root).resolve()
+    # Before TensorFlow is imported in this process: the same numbers as the evaluate stage.
+    apply_numerics(load_params(root_path / "params.yaml").numerics)
+    fresh = unseen_images(Path(incoming).resolve(), Path(results).resolve())
+    if not fresh:
+        return ""
+    return str(predict_batch(fresh, root_path, model, resize, Path(results).resolve()))
+
+
+def main() -> None:
+    """Entry point for `python -m flows.batch_predict`."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("incoming", help="folder of images (PNG, JPEG; zips too)")
+    parser.add_argument("--out", required=True, help="folder of batch CSV files (and the record of what was done)")
+    parser.add_argument("--model", default="prod", help="prod (default), workspace, or a git revision")
+    parser.add_argument("--resize", action="store_true", help="convert other sizes and modes instead of skipping")
+    parser.add_argument("--serve", action="store_true", help="serve as a deployment on --cron instead of running once")
+    parser.add_argument("--cron", default="*/15 * * * *", help="schedule with --serve (default: every 15 minutes)")
+    arguments = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parameters = {
+        "incoming": str(Path(arguments.incoming).resolve()),
+        "results": str(Path(arguments.out).resolve()),
+        "model": arguments.model,
+        "resize": arguments.resize,
+        "root": str(Path.cwd()),
+    }
+    if not arguments.serve:
+        batch_predict(**parameters)
+        sys.exit(0)
+    deployment = batch_predict.to_deployment(
+        name="batch",
+        cron=arguments.cron,
+        parameters=parameters,
+        # One batch at a time: two overlapping runs would both see the same images as new.
+        concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE),
+    )
+    serve(deployment, pause_on_shutdown=False, print_starting_message=True)
+
+
+if __name__ == "__main__":
+    main()

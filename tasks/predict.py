@@ -1,0 +1,184 @@
+"""Predict: run a model on new images; a CSV of path, predicted class and the probability of every class.
+
+    python -m tasks.predict PATH... [--model workspace|prod|REV] [--out predictions.csv] [--resize]
+
+PATH: image files (PNG, JPEG), folders of them (searched recursively) or zips of them. The model
+is the workspace's evaluated one (default), the registry's `prod` version, or the one of any git
+revision (fetched through DVC, never a stale local copy); its sha256 is checked before it is
+loaded in safe mode. Images that are not RGB of the training size are refused unless --resize;
+unreadable files are listed with their reason and the rest are still predicted. Exit status 2
+when any file was skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import sys
+import tempfile
+import time
+import zipfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from tasks.cli import EXIT_BAD_INPUT, configure_logging, filter_native_stderr
+from tasks.ingest import IMAGE_SUFFIXES, decode_image
+from tasks.io import DataError, atomic_path, load_model, read_json
+from tasks.numerics import apply_numerics
+from tasks.params import DEFAULT_PARAMS_PATH, Params, ParamsError, load_params
+
+log = logging.getLogger(__name__)
+
+BATCH_SIZE = 500
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    name: str  # the path as the user will recognise it: a file, or zip path + "!" + member
+    read: Callable[[], bytes]
+
+
+@dataclass(frozen=True)
+class Predictor:
+    model_path: Path
+    sha256: str
+    class_names: list[str]
+    image_size: int
+
+
+def image_sources(paths: list[Path]) -> Iterator[ImageSource]:
+    """Every image named by `paths`: files as given, folders recursively, zip members; in a stable order."""
+    for path in paths:
+        if path.is_dir():
+            for file in sorted(item for item in path.rglob("*") if item.is_file()):
+                if file.suffix.lower() in IMAGE_SUFFIXES or zipfile.is_zipfile(file):
+                    yield from image_sources([file])
+        elif path.suffix.lower() == ".zip" and zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                members = sorted(info.filename for info in archive.infolist() if not info.is_dir())
+            for member in members:
+                if Path(member).suffix.lower() in IMAGE_SUFFIXES:
+                    yield ImageSource(f"{path}!{member}", lambda path=path, member=member: _read_member(path, member))
+        else:
+            yield ImageSource(str(path), path.read_bytes)  # a missing file is reported when read
+
+
+def _read_member(archive: Path, member: str) -> bytes:
+    with zipfile.ZipFile(archive) as opened:
+        return opened.read(member)
+
+
+def decode_sources(
+    sources: list[ImageSource], image_size: int, *, resize: bool
+) -> tuple[list[str], np.ndarray, list[tuple[str, str]]]:
+    """(names, uint8 images, skipped (name, reason)): every source decoded, or skipped with the reason why."""
+    names, images, skipped = [], [], []
+    for source in sources:
+        try:
+            images.append(decode_image(source.read(), image_size, source.name, resize=resize))
+            names.append(source.name)
+        except DataError as error:
+            skipped.append((source.name, str(error).removeprefix(f"{source.name}: ")))
+        except OSError as error:
+            skipped.append((source.name, error.strerror or str(error)))
+    stacked = np.stack(images) if images else np.zeros((0, image_size, image_size, 3), np.uint8)
+    return names, stacked, skipped
+
+
+def prediction_table(names: list[str], probabilities: np.ndarray, class_names: list[str]) -> pd.DataFrame:
+    """One row per image: path, predicted class, and one probability column per class."""
+    table = pd.DataFrame({"path": names, "predicted": np.asarray(class_names)[probabilities.argmax(axis=1)]})
+    for column, name in enumerate(class_names):
+        table[f"p_{name}"] = probabilities[:, column].round(6)
+    return table
+
+
+def predict_images(predictor: Predictor, images: np.ndarray) -> np.ndarray:
+    """Class probabilities for uint8 images, in batches, from the model file checked against its sha256."""
+    model = load_model(predictor.model_path, sha256=predictor.sha256)
+    if images.shape[0] == 0:
+        return np.zeros((0, len(predictor.class_names)))
+    return np.asarray(model.predict(images, batch_size=BATCH_SIZE, verbose=0))
+
+
+@contextlib.contextmanager
+def resolve_model(choice: str, params: Params, root: Path) -> Iterator[Predictor]:
+    """The model `choice` names (workspace, prod or a git revision), fetched into a temporary folder if needed."""
+    from tasks.promote import champion_version, fetch_at_revision
+
+    size = params.ingest.image_size
+    report = params.paths.prepared / "report.json"
+    if choice == "workspace":
+        best = read_json(params.paths.model / "best.json")
+        yield Predictor(params.paths.model / "model.keras", best["sha256"], read_json(report)["class_names"], size)
+        return
+    revision = choice
+    if choice == "prod":
+        champion = champion_version(root)
+        if champion is None:
+            raise DataError("--model prod: no version of the model is in prod yet (python -m tasks.promote)")
+        revision = champion["commit_hexsha"]
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = fetch_at_revision(root, params.paths.model, revision, Path(scratch) / "model")
+        class_names = read_json(fetch_at_revision(root, report, revision, Path(scratch) / "report.json"))
+        best = read_json(folder / "best.json")
+        yield Predictor(folder / "model.keras", best["sha256"], class_names["class_names"], size)
+
+
+def predict_sources(
+    sources: list[ImageSource], predictor: Predictor, *, resize: bool
+) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
+    """Decode and predict every image of `sources`; (the prediction table, the skipped files with reasons)."""
+    started = time.perf_counter()
+    names, images, skipped = decode_sources(sources, predictor.image_size, resize=resize)
+    decoded = time.perf_counter()
+    probabilities = predict_images(predictor, images)
+    finished = time.perf_counter()
+    log.info(
+        "predicted %d images (%d skipped): decoding %.1f s, model %.1f s (%.0f images/s)",
+        len(names),
+        len(skipped),
+        decoded - started,
+        finished - decoded,
+        len(names) / max(finished - decoded, 1e-9),
+    )
+    return prediction_table(names, probabilities, predictor.class_names), skipped
+
+
+def main() -> None:
+    """Entry point for `python -m tasks.predict`."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="image files, folders or zips")
+    parser.add_argument("--model", default="workspace", help="workspace (default), prod, or a git revision")
+    parser.add_argument("--out", type=Path, default=Path("predictions.csv"), help="CSV to write")
+    parser.add_argument("--resize", action="store_true", help="convert other sizes and modes instead of refusing")
+    parser.add_argument("--params", type=Path, default=DEFAULT_PARAMS_PATH, help="params file (default: params.yaml)")
+    arguments = parser.parse_args()
+    filter_native_stderr()
+    configure_logging()
+    try:
+        params = load_params(arguments.params)
+        apply_numerics(params.numerics)  # before TensorFlow is imported: the same numbers as evaluate
+        with resolve_model(arguments.model, params, Path.cwd()) as predictor:
+            log.info("model %s: %s (sha256 %s)", arguments.model, predictor.model_path.name, predictor.sha256[:12])
+            sources = list(image_sources(arguments.paths))
+            table, skipped = predict_sources(sources, predictor, resize=arguments.resize)
+    except (ParamsError, DataError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+    with atomic_path(arguments.out, suffix=".csv") as temporary:
+        table.to_csv(temporary, index=False)
+    log.info("wrote %s", arguments.out)
+    for name, reason in skipped:
+        print(f"skipped {name}: {reason}", file=sys.stderr)
+    if skipped:
+        sys.exit(EXIT_BAD_INPUT)
+
+
+if __name__ == "__main__":
+    main()

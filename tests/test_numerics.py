@@ -1,0 +1,159 @@
+"""Numerics mode: portable caps oneDNN's kernels and threads, native uses the whole CPU; both reach training."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from tasks.numerics import numerics_environment
+from tasks.params import NumericsParams, load_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Train a small conv net through the stages' own set-up (tasks.numerics), with oneDNN's
+# verbose log on: it names the instruction set oneDNN settled on and each kernel it ran.
+PROBE = """
+import sys
+from tasks.numerics import apply_numerics
+from tasks.params import NumericsParams
+apply_numerics(NumericsParams(mode=sys.argv[1], threads=int(sys.argv[2])))
+import keras, numpy as np
+images = np.random.default_rng(0).random((16, 32, 32, 3), dtype=np.float32)
+model = keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Conv2D(32, 3), keras.layers.Flatten(),
+                          keras.layers.Dense(10)])
+model.compile("sgd", "mse")
+model.fit(images, np.zeros((16, 10), np.float32), epochs=1, verbose=0)
+"""
+
+
+def cpu_has_avx512() -> bool:
+    return "avx512f" in Path("/proc/cpuinfo").read_text().split()
+
+
+def onednn_log(mode: str, threads: int) -> tuple[str, int, set[str]]:
+    """(instruction set, threads, kernel names) oneDNN reports while the probe trains in `mode`."""
+    environment = {key: value for key, value in os.environ.items() if not key.startswith(("ONEDNN_", "TF_NUM_"))}
+    environment |= {"ONEDNN_VERBOSE": "1", "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-c", PROBE, mode, str(threads)],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    isa = re.search(r"^onednn_verbose,.*,info,cpu,isa:(.*)$", result.stdout, re.MULTILINE).group(1)
+    threads_used = int(re.search(r"^onednn_verbose,.*,info,cpu,runtime:\w+,nthr:(\d+)$", result.stdout, re.M).group(1))
+    kernels = set(re.findall(r"^onednn_verbose,.*?,primitive,exec,cpu,\w+,([^,]+),", result.stdout, re.MULTILINE))
+    assert kernels, result.stdout[-2000:]
+    return isa, threads_used, kernels
+
+
+def test_portable_mode_reaches_onednn_kernels_and_threads():
+    isa, threads, kernels = onednn_log("portable", threads=1)
+    assert isa == "Intel AVX2"  # oneDNN's name for the capped set, on Intel and AMD CPUs alike
+    assert threads == 1
+    assert not [kernel for kernel in kernels if re.search("avx512|amx", kernel)], kernels
+    assert any("avx2" in kernel for kernel in kernels), kernels
+
+
+def test_native_mode_uses_every_instruction_set_and_core():
+    isa, threads, kernels = onednn_log("native", threads=1)
+    assert threads == os.cpu_count()  # `threads` applies to portable mode only
+    wide = [kernel for kernel in kernels if re.search("avx512|amx", kernel)]
+    if cpu_has_avx512():
+        assert "AVX-512" in isa and wide, (isa, kernels)
+    else:
+        assert isa == "Intel AVX2" and not wide, (isa, kernels)
+
+
+def test_native_mode_keeps_the_shells_onednn_settings_and_portable_overrides_them(monkeypatch):
+    from tasks.numerics import apply_numerics
+
+    for key in ("ONEDNN_MAX_CPU_ISA", "TF_NUM_INTRAOP_THREADS", "ONEDNN_DEFAULT_FPMATH_MODE", "TF_ENABLE_ONEDNN_OPTS"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "SSE41")
+    apply_numerics(NumericsParams(mode="native"))
+    assert os.environ["ONEDNN_MAX_CPU_ISA"] == "SSE41"
+    assert "TF_NUM_INTRAOP_THREADS" not in os.environ
+    apply_numerics(NumericsParams(mode="portable", threads=3))
+    assert {key: os.environ[key] for key in numerics_environment(NumericsParams(mode="portable", threads=3))} == {
+        "TF_ENABLE_ONEDNN_OPTS": "1",
+        "ONEDNN_MAX_CPU_ISA": "AVX2",
+        "ONEDNN_DEFAULT_FPMATH_MODE": "STRICT",
+        "TF_NUM_INTRAOP_THREADS": "3",
+    }
+
+
+def train_in(mode: str, params_path: Path, tmp_path: Path) -> pd.DataFrame:
+    """Run the train stage's command with numerics.mode = `mode`; its history."""
+    raw = yaml.safe_load(params_path.read_text())
+    raw["numerics"] = {"mode": mode, "threads": 2}
+    raw["paths"]["resume"] = str(tmp_path / f"resume-{mode}")
+    raw["paths"]["checkpoints"] = str(tmp_path / f"checkpoints-{mode}")
+    raw["paths"]["training"] = str(tmp_path / f"training-{mode}")
+    path = tmp_path / f"params-{mode}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    environment = {key: value for key, value in os.environ.items() if not key.startswith(("ONEDNN_", "TF_NUM_"))}
+    subprocess.run(
+        [sys.executable, "-m", "tasks.train", "--params", str(path)],
+        env=environment | {"PYTHONPATH": str(ROOT)},
+        cwd=tmp_path,
+        check=True,
+        timeout=600,
+        capture_output=True,
+    )
+    return pd.read_csv(load_params(path).paths.training / "history.csv")
+
+
+def test_the_mode_decides_the_trained_numbers_where_the_cpu_has_avx512(split_params, tmp_path):
+    if not cpu_has_avx512() and os.cpu_count() != 2:
+        pytest.skip("native mode would differ by its thread count alone on this machine")
+    portable = train_in("portable", split_params, tmp_path)
+    native = train_in("native", split_params, tmp_path)
+    assert len(portable) == len(native) == 2
+    # AVX-512 kernels add in another order than AVX2 ones: the losses part; on an AVX2-only
+    # CPU both modes run the same kernels on the same 2 threads and agree to the last bit.
+    assert (not portable["loss"].equals(native["loss"])) == cpu_has_avx512()
+
+
+# TensorFlow ops whose CPU kernels refine the CPU's approximate reciprocal (square root)
+# instructions, vrcpps/vrsqrtps (Eigen's preciprocal/prsqrt): their last bits, and so a
+# trained model's, differ between Intel and AMD CPUs, even with the same oneDNN kernels.
+APPROXIMATE_OPS = {"Rsqrt", "RsqrtGrad", "Reciprocal", "ReciprocalGrad", "Inv", "InvGrad", "Erfc", "Softmax"}
+
+
+@pytest.mark.parametrize("train_section", ["params.yaml", "tutorial"])
+def test_training_and_inference_graphs_use_no_approximate_reciprocal_ops(train_section):
+    import numpy as np
+    import tensorflow as tf
+
+    from tasks.model import build_model
+    from tasks.params import TUTORIAL_TRAIN, TrainParams
+    from tasks.train import compile_model, model_options, training_targets
+
+    raw = (
+        yaml.safe_load((ROOT / "params.yaml").read_text())["train"]
+        if train_section == "params.yaml"
+        else TUTORIAL_TRAIN
+    )
+    train = TrainParams.model_validate(raw)
+    model = build_model(train.model, (32, 32, 3), 4, **model_options(train))
+    compile_model(model, train, steps_per_epoch=2)
+    model.optimizer.build(model.trainable_variables)
+    images = tf.TensorSpec((8, 32, 32, 3), tf.uint8)
+    targets = training_targets(np.zeros(8, dtype=np.int64), train, 4)
+    step = tf.function(model.train_step).get_concrete_function((images, tf.TensorSpec(targets.shape, targets.dtype)))
+    predict = tf.function(lambda batch: model(batch, training=False)).get_concrete_function(images)
+    used = {operation.type for graph in (step.graph, predict.graph) for operation in graph.get_operations()}
+    assert not used & APPROXIMATE_OPS, sorted(used & APPROXIMATE_OPS)
+    assert {"RealDiv", "Exp"} <= used  # the exact softmax; and the speed recipe's norm and GELU:
+    if train.model == "speed_cnn":
+        assert {"Sqrt", "Erf"} <= used

@@ -1,0 +1,96 @@
+"""Predict on new images through the CLI: refused and unreadable files are named, the rest predicted."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from tests.conftest import run_command
+
+PREDICT = [sys.executable, "-m", "tasks.predict"]
+FLOW = [sys.executable, "-m", "flows.batch_predict"]
+
+
+def test_predictions_of_the_test_images_equal_evaluates(project):
+    result = run_command([*PREDICT, "source/test", "--out", "new.csv"], project)
+    predicted = pd.read_csv(project / "new.csv")
+    evaluated = pd.read_csv(project / "artifacts/metrics/predictions.csv")
+    # The test folder's files in ingest's order: class by class, file names sorted.
+    assert predicted["path"].str.split("/").str[-2].tolist() == evaluated["actual"].tolist()
+    assert predicted["predicted"].tolist() == evaluated["predicted"].tolist()
+    probabilities = predicted.filter(like="p_").to_numpy()
+    assert list(predicted.columns[2:]) == ["p_circle", "p_cross", "p_square", "p_stripes"]
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-4)
+    assert "images/s" in result.stderr
+
+
+def test_wrong_size_and_corrupt_files_are_named_and_the_rest_predicted(project):
+    incoming = project / "incoming"
+    incoming.mkdir()
+    shutil.copy(project / "source/test/cross/0000.png", incoming / "good.png")
+    Image.new("RGB", (40, 30), "red").save(incoming / "big.png")
+    Image.new("L", (32, 32)).save(incoming / "grey.png")
+    (incoming / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    result = run_command([*PREDICT, "incoming", "--out", "out.csv"], project, check=False)
+    assert result.returncode == 2, result.stderr
+    assert pd.read_csv(project / "out.csv")["path"].tolist() == ["incoming/good.png"]
+    assert "skipped incoming/big.png: image is 40x30, expected 32x32" in result.stderr
+    assert "skipped incoming/grey.png: image mode is L, expected RGB" in result.stderr
+    assert "skipped incoming/broken.jpg: cannot decode image" in result.stderr
+    # --resize converts what it can; a file that is no image stays skipped.
+    result = run_command([*PREDICT, "incoming", "--out", "out.csv", "--resize"], project, check=False)
+    assert result.returncode == 2 and "broken.jpg" in result.stderr and "big.png" not in result.stderr
+    assert sorted(pd.read_csv(project / "out.csv")["path"]) == [f"incoming/{n}.png" for n in ("big", "good", "grey")]
+
+
+def test_a_zip_and_a_model_of_another_revision_fetched_through_dvc(project):
+    with zipfile.ZipFile(project / "batch.zip", "w") as archive:
+        for path in sorted((project / "source/test/square").glob("*.png")):
+            archive.write(path, f"square/{path.name}")
+    run_command([*PREDICT, "batch.zip", "--model", "HEAD", "--out", "zip.csv"], project)
+    table = pd.read_csv(project / "zip.csv")
+    assert table["path"].tolist() == [f"batch.zip!square/{index:04d}.png" for index in range(4)]
+    evaluated = pd.read_csv(project / "artifacts/metrics/predictions.csv")
+    assert table["predicted"].tolist() == evaluated.loc[evaluated["actual"] == "square", "predicted"].tolist()
+
+
+def test_a_model_file_that_does_not_match_its_recorded_hash_is_not_loaded(project):
+    model = project / "artifacts/model/model.keras"
+    model.chmod(0o644)
+    model.write_bytes(model.read_bytes() + b"\0")
+    result = run_command([*PREDICT, "source/test", "--out", "x.csv"], project, check=False)
+    assert result.returncode == 2 and "sha256" in result.stderr and "model.keras" in result.stderr
+    assert not (project / "x.csv").exists()
+
+
+def test_batch_flow_predicts_each_file_once(project, prefect_api):
+    incoming = project / "incoming"
+    incoming.mkdir()
+    for name in ("0000", "0001", "0002"):
+        shutil.copy(project / f"source/test/circle/{name}.png", incoming / f"circle-{name}.png")
+    shutil.copy(project / "source/test/circle/0000.png", incoming / "same-content.png")
+    (incoming / "broken.png").write_bytes(b"not an image")
+    batch = [*FLOW, "incoming", "--out", "results", "--model", "workspace"]
+    run_command(batch, project)
+    (first,) = sorted((project / "results").glob("batch-*.csv"))
+    table = pd.read_csv(first, keep_default_na=False)
+    assert sorted(Path(path).name for path in table["path"]) == [
+        "broken.png",
+        "circle-0000.png",
+        "circle-0001.png",
+        "circle-0002.png",
+    ]  # the copy of circle-0000 under another name is the same content: predicted once
+    assert table.set_index(table["path"].map(lambda path: Path(path).name)).loc["broken.png", "skipped"]
+    assert (table.loc[table["skipped"] == "", "predicted"] != "").all()
+    run_command(batch, project)  # nothing new: no second batch
+    assert sorted((project / "results").glob("batch-*.csv")) == [first]
+    shutil.copy(project / "source/test/cross/0000.png", incoming / "cross.png")
+    run_command(batch, project)
+    second = next(path for path in (project / "results").glob("batch-*.csv") if path != first)
+    assert [Path(path).name for path in pd.read_csv(second)["path"]] == ["cross.png"]
