@@ -28,8 +28,9 @@ run: setup
 repro: setup
 	$(BIN)/dvc repro --pull
 
+# Two worker processes (pytest-xdist): most tests wait on subprocesses, so 2 cores overlap them.
 test: setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist worksteal
 
 lint: setup
 	$(BIN)/ruff check .

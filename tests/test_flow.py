@@ -51,9 +51,9 @@ def test_dvc_yaml_lists_the_params_sections_each_stage_reads():
         "ingest": {"ingest"},
         "preprocess": set(),
         "split": {"seed", "split"},
-        "train": {"seed", "train"},
+        "train": {"seed", "numerics", "train"},
         "select_best": {"select_best"},
-        "evaluate": set(),
+        "evaluate": {"numerics"},
     }
     assert set().union(*declared.values()) <= set(Params.model_fields)
 
