@@ -89,6 +89,8 @@ def decide(comparison: Comparison | None, promote: PromoteParams) -> tuple[bool,
         f"on {comparison.images} test images (b = {comparison.champion_only}, c = {comparison.challenger_only}, "
         f"exact McNemar p = {comparison.p_value:.3g})"
     )
+    if comparison.gain < 0:
+        return False, f"the challenger is worse: {numbers}"
     if comparison.gain < promote.min_gain:
         return False, f"the gain is below promote.min_gain = {promote.min_gain}: {numbers}"
     if comparison.p_value >= promote.alpha:

@@ -62,7 +62,8 @@ def test_gate_promotes_only_a_gain_that_is_large_enough_and_significant():
     promoted, reason = decide(compare(actual, champion, noisy), gate)
     assert not promoted and "below promote.min_gain" in reason
     worse = np.where(np.arange(1000) < 700, 0, 1)
-    assert not decide(compare(actual, champion, worse), gate)[0]
+    promoted, reason = decide(compare(actual, champion, worse), gate)
+    assert not promoted and "the challenger is worse" in reason and "b = 100, c = 0" in reason
 
 
 # ---- promotion end to end: real dvc, gto and git in a temporary repository ----
