@@ -92,6 +92,8 @@ def metrics_summary(scores: Scores, best: dict) -> dict:
         "validation": {
             "accuracy": round(best["val_accuracy"], 4),
             "crossentropy": round(best["val_crossentropy"], 4),
+            # The training objective (label-smoothed when train.label_smoothing > 0): select_best's default monitor.
+            "loss": round(best["val_loss"], 4),
         },
     }
 

@@ -37,6 +37,8 @@ class PathsParams(_Section):
     resume: Path
     # tasks.promote's decision and model card (git-tracked; committed on each promotion's branch).
     promotion: Path = Path("artifacts/promotion")
+    # flows.sweep's summary: the candidates, their figures and one validation plot each (not DVC outputs).
+    sweep: Path = Path("artifacts/sweep")
 
 
 class IngestParams(_Section):

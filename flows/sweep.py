@@ -1,0 +1,496 @@
+"""Sweep: train a grid of candidates as DVC experiments on a Dask cluster, then apply the best.
+
+    python -m flows.sweep -S 'train.learning_rate=1.0,2.0' -S 'train.widths=[32,64,128],[32,128,128]'
+    python -m flows.sweep -S ... --dask-address tcp://HOST:8786      # an existing cluster's scheduler
+
+`-S key=v1,v2,...` is DVC's grammar: every combination of the listed values is one candidate,
+validated against the params model before anything runs. Each candidate is a DVC experiment
+at the current commit, named from its params (`dvc exp show` lists them, `dvc exp apply`,
+`branch` and `push` work as usual). The upstream stages (ingest, preprocess, split) run once,
+here; their outputs go to the DVC remote. A candidate runs as a Prefect task on a Dask worker
+(a LocalCluster of --workers processes by default): it clones the git repository at the
+commit into a workspace of its own, pulls the upstream outputs from the DVC remote, runs
+`dvc exp run`, and sends the experiment back with `dvc exp push` (git refs to the repository,
+outputs to the DVC remote), so workers on other machines need the repository URL and the DVC
+remote, not this file system. The winner is the candidate with the best validation figure
+named by `select_best.monitor` (never the test set; ties go to the first name); it is applied
+to this workspace (or `--branch NAME`), and `artifacts/sweep/summary.md` lists every candidate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import json
+import logging
+import os
+import resource
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from tasks.cli import EXIT_BAD_INPUT
+from tasks.io import DataError, atomic_path
+from tasks.params import DEFAULT_PARAMS_PATH, ParamsError, load_params, parse_params
+
+log = logging.getLogger("flows.sweep")
+
+DEFAULT_MAX_CANDIDATES = 8
+UPSTREAM_STAGES = ("ingest", "preprocess", "split")
+# select_best.monitor -> the validation figure in metrics.json, and whether lower is better.
+MONITORED = {
+    "val_loss": ("loss", True),
+    "val_crossentropy": ("crossentropy", True),
+    "val_accuracy": ("accuracy", False),
+}
+
+
+class SweepError(DataError):
+    """The sweep cannot start: bad -S values, too many candidates, or a workspace it cannot sweep from."""
+
+
+class CandidateFailedError(RuntimeError):
+    """A candidate's `dvc exp run` failed (diverged, raised); the reason is its stage's error line."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    name: str
+    overrides: dict[str, object]  # dotted params key -> value
+
+    def set_params(self) -> list[str]:
+        """`-S key=value` arguments for `dvc exp run`, values in the YAML/JSON flow syntax Hydra reads."""
+        return [
+            argument
+            for key, value in self.overrides.items()
+            for argument in ("-S", f"{key}={json.dumps(value, separators=(',', ':'))}")
+        ]
+
+
+def split_values(text: str) -> list[str]:
+    """Split `a,b,[1,2],c` at the commas outside brackets."""
+    values, depth, current = [], 0, ""
+    for character in text:
+        depth += {"[": 1, "{": 1, "]": -1, "}": -1}.get(character, 0)
+        if character == "," and depth == 0:
+            values.append(current)
+            current = ""
+        else:
+            current += character
+    return [*values, current]
+
+
+def parse_sweep(options: list[str]) -> dict[str, list]:
+    """{key: [values]} from `key=v1,v2` options; each value parsed as YAML (numbers, lists, null)."""
+    axes: dict[str, list] = {}
+    for option in options:
+        key, separator, text = option.partition("=")
+        if not separator or not key.strip() or not text.strip():
+            raise SweepError(f"-S {option!r}: expected key=value[,value...], for example train.epochs=2,4")
+        try:
+            axes[key.strip()] = [yaml.safe_load(value) for value in split_values(text)]
+        except yaml.YAMLError as error:
+            raise SweepError(f"-S {option!r}: a value is not valid YAML: {error}") from None
+    return axes
+
+
+def candidate_name(overrides: dict[str, object]) -> str:
+    """A deterministic, git-ref-safe name from the params alone: the same grid point, the same name."""
+    digest = hashlib.sha256(json.dumps(overrides, sort_keys=True).encode()).hexdigest()[:10]
+    return f"sweep-{digest}"
+
+
+def candidate_grid(axes: dict[str, list], max_candidates: int) -> list[Candidate]:
+    """Every combination of the axes' values, in the order given; refused beyond `max_candidates`."""
+    count = 1
+    for values in axes.values():
+        count *= len(values)
+    if count > max_candidates:
+        raise SweepError(f"the grid has {count} candidates, more than --max-candidates {max_candidates}")
+    grid = [dict(zip(axes, values, strict=True)) for values in itertools.product(*axes.values())]
+    return [Candidate(candidate_name(overrides), overrides) for overrides in grid]
+
+
+def with_overrides(raw: dict, overrides: dict[str, object]) -> dict:
+    """A deep copy of params `raw` with dotted keys set."""
+    raw = json.loads(json.dumps(raw))
+    for key, value in overrides.items():
+        *sections, leaf = key.split(".")
+        node = raw
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[leaf] = value
+    return raw
+
+
+def validate_candidates(candidates: list[Candidate], params_path: Path) -> None:
+    """Check every candidate's params against the params model before any work starts."""
+    raw = yaml.safe_load(params_path.read_text())
+    for candidate in candidates:
+        try:
+            parse_params(with_overrides(raw, candidate.overrides), source=f"candidate {candidate.overrides}")
+        except ParamsError as error:
+            raise SweepError(str(error)) from None
+
+
+def rank(finished: dict[str, dict], monitor: str) -> list[str]:
+    """Candidate names best first by the monitored validation figure; ties by name."""
+    figure, lower_is_better = MONITORED[monitor]
+
+    def key(name: str) -> tuple[float, str]:
+        value = float(finished[name]["metrics"]["validation"][figure])
+        return (value if lower_is_better else -value, name)
+
+    return sorted(finished, key=key)
+
+
+# ---- IO: git, dvc and the Dask workers ----
+
+
+def command(arguments: list[str], cwd: Path, *, what: str) -> str:
+    """Run a command; its stdout, or SweepError naming `what` failed with the command's last line."""
+    result = subprocess.run(arguments, cwd=cwd, capture_output=True, text=True, env=tool_environment())
+    if result.returncode != 0:
+        lines = (result.stderr.strip() or result.stdout.strip()).splitlines()
+        raise SweepError(f"{what} failed ({' '.join(arguments[:4])}): {lines[-1] if lines else result.returncode}")
+    return result.stdout
+
+
+def tool_environment() -> dict[str, str]:
+    """This interpreter's tools first on PATH (stage commands say `python`), offline, with a git identity."""
+    environment = dict(os.environ)
+    environment["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), environment.get("PATH", "")])
+    environment.setdefault("DVC_NO_ANALYTICS", "1")
+    for role in ("AUTHOR", "COMMITTER"):  # experiments are commits: a worker may have no git config
+        environment.setdefault(f"GIT_{role}_NAME", "cifar10 sweep")
+        environment.setdefault(f"GIT_{role}_EMAIL", "sweep@localhost")
+    return environment
+
+
+DVC = [sys.executable, "-m", "dvc"]
+
+
+def default_remote_url(root: Path) -> str:
+    """The repository's default DVC remote as an absolute URL (relative ones are relative to .dvc/)."""
+    name = command([*DVC, "remote", "default"], root, what="reading the default DVC remote").strip()
+    for line in command([*DVC, "remote", "list"], root, what="listing DVC remotes").splitlines():
+        remote, _, url = line.partition("\t") if "\t" in line else line.partition(" ")
+        if remote.strip() == name:
+            url = url.strip().split()[0]
+            return url if "://" in url or Path(url).is_absolute() else str((root / ".dvc" / url).resolve())
+    raise SweepError(f"default DVC remote {name!r} has no URL")
+
+
+def worker_identity() -> dict[str, object]:
+    """Which Dask worker (and process, host) runs the calling task."""
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+        name, address = str(worker.name), worker.address
+    except (ImportError, ValueError):
+        name, address = "local", ""
+    return {"worker": name, "address": address, "pid": os.getpid(), "host": socket.gethostname()}
+
+
+@task(cache_policy=NO_CACHE, persist_result=False)
+def run_candidate(candidate: Candidate, repo: str, commit: str, remote: str) -> dict:
+    """Clone `repo` at `commit`, pull the upstream outputs, `dvc exp run` the candidate and push it back."""
+    started, identity = time.perf_counter(), worker_identity()
+    # A workspace per attempt: a candidate retried after its worker died starts clean.
+    with tempfile.TemporaryDirectory(prefix=f"{candidate.name}-") as scratch:
+        workspace = Path(scratch) / "repo"
+        command(["git", "clone", "--quiet", repo, str(workspace)], Path(scratch), what="cloning the repository")
+        command(["git", "checkout", "--quiet", "--detach", commit], workspace, what=f"checking out {commit[:12]}")
+        default = command([*DVC, "remote", "default"], workspace, what="reading the DVC remote").strip()
+        command([*DVC, "remote", "modify", "--local", default, "url", remote], workspace, what="setting the remote")
+        command([*DVC, "pull", "--quiet", *UPSTREAM_STAGES[1:]], workspace, what="pulling the upstream outputs")
+        run = subprocess.run(
+            [*DVC, "exp", "run", "--name", candidate.name, *candidate.set_params()],
+            cwd=workspace,
+            capture_output=True,
+            text=True,
+            env=tool_environment(),
+        )
+        if run.returncode != 0:
+            output = (run.stdout + run.stderr).splitlines()
+            reason = next((line for line in reversed(output) if line.startswith("error: ")), None)
+            reason = reason or next((line for line in reversed(output) if "ERROR" in line), "see its log")
+            raise CandidateFailedError(f"{candidate.name}: {reason.removeprefix('error: ')}")
+        command([*DVC, "exp", "push", "origin", candidate.name], workspace, what="pushing the experiment")
+        # The largest process this worker has waited for so far (the training run): its memory peak.
+        identity["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20, 2)
+        params = load_params(workspace / DEFAULT_PARAMS_PATH)
+        metrics = json.loads((workspace / params.paths.metrics / "metrics.json").read_text())
+    return {**identity, "name": candidate.name, "metrics": metrics, "seconds": round(time.perf_counter() - started, 1)}
+
+
+def experiments(root: Path) -> dict[str, dict]:
+    """{name: {rev, params, metrics}} of the experiments on HEAD, from `dvc exp show --json`."""
+    shown = json.loads(command([*DVC, "exp", "show", "--json"], root, what="listing experiments") or "[]")
+    found = {}
+    for baseline in shown:
+        for group in baseline.get("experiments") or []:
+            state = group["revs"][0]
+            data = state.get("data") or {}
+            metrics = next(
+                (
+                    item.get("data")
+                    for name, item in (data.get("metrics") or {}).items()
+                    if name.endswith("metrics.json")
+                ),
+                None,
+            )
+            params = (data.get("params") or {}).get("params.yaml", {}).get("data")
+            if group.get("name") and metrics:
+                found[group["name"]] = {"rev": state["rev"], "params": params, "metrics": metrics}
+    return found
+
+
+def validation_plot(root: Path, rev: str, history_path: Path, monitor: str, destination: Path) -> Path:
+    """A PNG of the candidate's monitored validation figure per epoch, from history.csv at its experiment commit."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    history = pd.read_csv(
+        io.StringIO(command(["git", "show", f"{rev}:{history_path.as_posix()}"], root, what="reading a history"))
+    )
+    figure, axis = plt.subplots(figsize=(4, 3))
+    axis.plot(history["epoch"], history[monitor], marker="o")
+    axis.set_xlabel("epoch")
+    axis.set_ylabel(monitor)
+    axis.set_title(destination.stem)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(destination, suffix=".png") as temporary:
+        figure.savefig(temporary, format="png", dpi=80, bbox_inches="tight")
+    plt.close(figure)
+    return destination
+
+
+def summary_markdown(rows: list[dict], winner: str | None, monitor: str) -> str:
+    """The sweep's summary: one row per candidate, finished or failed, and the winner."""
+    lines = [
+        "# Sweep",
+        "",
+        f"Winner: `{winner}` (best validation `{monitor}`)." if winner else "No candidate finished.",
+        "",
+        "| candidate | params | validation accuracy | validation loss | test accuracy | seconds | peak GB "
+        "| worker | outcome |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in rows:
+        validation = (row.get("metrics") or {}).get("validation", {})
+        test = (row.get("metrics") or {}).get("test", {})
+        params = ", ".join(f"`{key}={value}`" for key, value in row["overrides"].items())
+        worker = f"{row['worker']} (pid {row['pid']}) on {row['host']}" if "worker" in row else ""
+        lines.append(
+            f"| `{row['name']}` | {params} | {validation.get('accuracy', '')} | {validation.get('loss', '')} "
+            f"| {test.get('accuracy', '')} | {row.get('seconds', '')} | {row.get('peak_rss_gb', '')} | {worker} "
+            f"| {row['outcome']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def apply_winner(root: Path, winner: str, remote_name: str, branch: str | None) -> str:
+    """Make `winner` the workspace's state (outputs from the DVC remote), or a branch; what was done."""
+    if branch:
+        command([*DVC, "exp", "branch", winner, branch], root, what=f"branching experiment {winner}")
+        return f"branch {branch}"
+    # The experiment's outputs live in the DVC remote (the candidate pushed them): fetch, then apply.
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:  # the CLI's fetch takes no revision; its API does
+        repo.fetch(revs=[experiments(root)[winner]["rev"]], remote=remote_name, workspace=False)
+    command([*DVC, "exp", "apply", winner], root, what=f"applying experiment {winner}")
+    return "applied to the workspace"
+
+
+@flow(name="cifar10-sweep", persist_result=False)
+def cifar10_sweep(
+    sets: list[str],
+    root: str = ".",
+    max_candidates: int = DEFAULT_MAX_CANDIDATES,
+    repo: str | None = None,
+    remote: str | None = None,
+    branch: str | None = None,
+) -> dict:
+    """Run the grid's candidates as experiments on the flow's task runner; apply and summarise the best."""
+    logger = get_run_logger()
+    root_path = Path(root).resolve()
+    params = load_params(root_path / DEFAULT_PARAMS_PATH)
+    candidates = candidate_grid(parse_sweep(sets), max_candidates)
+    validate_candidates(candidates, root_path / DEFAULT_PARAMS_PATH)
+    clean = ["git", "status", "--porcelain", "--untracked-files=no"]
+    if command(clean, root_path, what="checking the workspace"):
+        raise SweepError("tracked files differ from HEAD: candidates run at a commit, so commit (or stash) first")
+    logger.info("upstream stages, once for every candidate: %s", ", ".join(UPSTREAM_STAGES))
+    command([*DVC, "repro", "--quiet", UPSTREAM_STAGES[-1]], root_path, what="running the upstream stages")
+    if command(clean, root_path, what="checking the workspace"):
+        raise SweepError("the upstream stages changed dvc.lock: commit it, then sweep")
+    if remote:  # a remote given by URL: this workspace pushes to it and fetches from it too
+        command([*DVC, "remote", "add", "--local", "--force", "sweep", remote], root_path, what="adding the remote")
+        remote_name = "sweep"
+    else:
+        remote_name = command([*DVC, "remote", "default"], root_path, what="reading the DVC remote").strip()
+        remote = default_remote_url(root_path)
+    upstream_outputs = UPSTREAM_STAGES[1:]
+    command([*DVC, "push", "--quiet", "-r", remote_name, *upstream_outputs], root_path, what="pushing upstream outputs")
+    commit = command(["git", "rev-parse", "HEAD"], root_path, what="reading HEAD").strip()
+    repo = repo or str(root_path)
+    done = experiments(root_path)
+    rows: dict[str, dict] = {}
+    futures = {}
+    for candidate in candidates:
+        row = {"name": candidate.name, "overrides": candidate.overrides}
+        if candidate.name in done:
+            logger.info("candidate %s %s: an experiment already, reused: trained nothing", *row.values())
+            rows[candidate.name] = {**row, "outcome": "reused", "metrics": done[candidate.name]["metrics"]}
+        else:
+            logger.info("candidate %s %s: submitted", *row.values())
+            futures[candidate.name] = run_candidate.submit(candidate, repo, commit, remote)
+            rows[candidate.name] = row
+    for name, future in futures.items():
+        try:
+            result = future.result()
+        except Exception as error:  # a candidate's failure is reported; the sweep completes with the rest
+            logger.warning("candidate %s failed: %s", name, error)
+            rows[name] |= {"outcome": f"failed: {error}"}
+            continue
+        logger.info(
+            "candidate %s: trained on worker %s (pid %s) in %s s",
+            name,
+            result["worker"],
+            result["pid"],
+            result["seconds"],
+        )
+        rows[name] |= {**result, "outcome": "trained"}
+        if Path(repo).resolve() != root_path:  # pushed elsewhere: bring the experiment here
+            command([*DVC, "exp", "pull", "--quiet", repo, name], root_path, what=f"fetching experiment {name}")
+    finished = {name: row for name, row in rows.items() if row.get("metrics")}
+    winner = rank(finished, params.select_best.monitor)[0] if finished else None
+    applied = apply_winner(root_path, winner, remote_name, branch) if winner else "nothing to apply"
+    logger.info("winner: %s (%s)", winner, applied)
+    summary = write_summary(root_path, params, [rows[candidate.name] for candidate in candidates], winner)
+    return {"winner": winner, "applied": applied, "summary": str(summary), "candidates": list(rows.values())}
+
+
+def write_summary(root: Path, params, rows: list[dict], winner: str | None) -> Path:
+    """The summary markdown, one validation plot per finished candidate, and the Prefect table artifact."""
+    folder = root / params.paths.sweep
+    monitor = params.select_best.monitor
+    known = experiments(root)
+    for row in rows:
+        if row["name"] in known:
+            validation_plot(
+                root,
+                known[row["name"]]["rev"],
+                params.paths.training / "history.csv",
+                monitor,
+                folder / f"{row['name']}.png",
+            )
+    path = folder / "summary.md"
+    with atomic_path(path, suffix=".md") as temporary:
+        temporary.write_text(summary_markdown(rows, winner, monitor))
+    create_table_artifact(
+        key="cifar10-sweep",
+        table=[
+            {key: str(row.get(key, "")) for key in ("name", "overrides", "outcome", "worker", "seconds")}
+            for row in rows
+        ],
+        description=f"sweep winner: {winner}",
+    )
+    return path
+
+
+def apply_best(root: Path, branch: str | None = None) -> dict:
+    """Rank the experiments already on HEAD (however they were made) and apply the best: `--apply-best`."""
+    params = load_params(root / DEFAULT_PARAMS_PATH)
+    known = experiments(root)
+    if not known:
+        raise SweepError("no experiments with metrics on HEAD (dvc exp show): nothing to choose from")
+    winner = rank(known, params.select_best.monitor)[0]
+    remote_name = command([*DVC, "remote", "default"], root, what="reading the DVC remote").strip()
+    applied = apply_winner(root, winner, remote_name, branch)
+    rows = [
+        {"name": name, "overrides": {}, "metrics": data["metrics"], "outcome": "existing"}
+        for name, data in known.items()
+    ]
+    return {"winner": winner, "applied": applied, "summary": str(write_summary(root, params, rows, winner))}
+
+
+def main() -> None:
+    """Entry point for `python -m flows.sweep`."""
+    from prefect_dask import DaskTaskRunner
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "-S",
+        "--set-param",
+        dest="sets",
+        action="append",
+        metavar="KEY=V1,V2",
+        help="params key and its values; every combination of all -S is one candidate",
+    )
+    parser.add_argument("--max-candidates", type=int, default=DEFAULT_MAX_CANDIDATES)
+    parser.add_argument("--workers", type=int, default=2, help="LocalCluster worker processes (default 2)")
+    parser.add_argument("--dask-address", help="an existing Dask scheduler, tcp://HOST:8786, instead of a LocalCluster")
+    parser.add_argument("--repo", help="git URL the workers clone and push to (default: this repository)")
+    parser.add_argument("--remote", help="DVC remote URL the workers use (default: this repository's default remote)")
+    parser.add_argument("--branch", help="put the winner on this new branch instead of applying it to the workspace")
+    parser.add_argument(
+        "--apply-best",
+        action="store_true",
+        help="no sweep: apply the best experiment already on HEAD (dvc exp run ...)",
+    )
+    arguments = parser.parse_args()
+    if not arguments.sets and not arguments.apply_best:
+        parser.error("give -S KEY=V1,V2 (one or more), or --apply-best")
+    # A candidate whose worker dies is rerun once on another worker, then reported failed.
+    # (An existing cluster's scheduler sets this itself: distributed.scheduler.allowed-failures.)
+    os.environ.setdefault("DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES", "1")
+    if arguments.dask_address:
+        runner = DaskTaskRunner(address=arguments.dask_address)
+    else:
+        # One single-threaded process per candidate: a training run's ~2 GB stays inside 24 GiB with room.
+        cluster = {
+            "n_workers": arguments.workers,
+            "threads_per_worker": 1,
+            "processes": True,
+            "dashboard_address": None,
+        }
+        runner = DaskTaskRunner(cluster_kwargs=cluster)
+    try:
+        if arguments.apply_best:
+            result = apply_best(Path.cwd(), arguments.branch)
+            print(f"winner: {result['winner']} ({result['applied']}); summary: {result['summary']}")
+            return
+        result = cifar10_sweep.with_options(task_runner=runner)(
+            sets=arguments.sets,
+            max_candidates=arguments.max_candidates,
+            repo=arguments.repo,
+            remote=arguments.remote,
+            branch=arguments.branch,
+        )
+    except (ParamsError, DataError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+    print(f"winner: {result['winner']} ({result['applied']}); summary: {result['summary']}")
+
+
+if __name__ == "__main__":
+    main()

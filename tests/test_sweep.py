@@ -1,0 +1,200 @@
+"""Sweeps: candidates as DVC experiments on a real Dask LocalCluster, through the real dvc CLI."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flows.sweep import (
+    SweepError,
+    candidate_grid,
+    candidate_name,
+    parse_sweep,
+    rank,
+    split_values,
+    validate_candidates,
+)
+from tests.conftest import DVC, run_command, wait_until
+
+SWEEP = [sys.executable, "-m", "flows.sweep", "--workers", "2"]
+
+
+def test_grid_follows_dvcs_set_param_grammar_and_names_are_deterministic():
+    assert split_values("[32,64],[32,128],7") == ["[32,64]", "[32,128]", "7"]
+    axes = parse_sweep(["train.learning_rate=0.5,1.0", "train.widths=[32,64,128],[32,128,128]"])
+    assert axes == {"train.learning_rate": [0.5, 1.0], "train.widths": [[32, 64, 128], [32, 128, 128]]}
+    grid = candidate_grid(axes, max_candidates=4)
+    assert [candidate.overrides for candidate in grid][:2] == [
+        {"train.learning_rate": 0.5, "train.widths": [32, 64, 128]},
+        {"train.learning_rate": 0.5, "train.widths": [32, 128, 128]},
+    ]
+    assert len({candidate.name for candidate in grid}) == 4
+    assert grid[0].name == candidate_name({"train.widths": [32, 64, 128], "train.learning_rate": 0.5})
+    assert grid[0].set_params() == ["-S", "train.learning_rate=0.5", "-S", "train.widths=[32,64,128]"]
+    with pytest.raises(SweepError, match="4 candidates, more than --max-candidates 3"):
+        candidate_grid(axes, max_candidates=3)
+    with pytest.raises(SweepError, match="expected key=value"):
+        parse_sweep(["train.epochs"])
+
+
+def test_candidates_with_an_unknown_key_or_a_bad_value_are_refused_before_any_work():
+    params = Path(__file__).resolve().parents[1] / "params.yaml"
+    with pytest.raises(SweepError, match="train.learnin_rate: unknown key"):
+        validate_candidates(candidate_grid(parse_sweep(["train.learnin_rate=1.0,2.0"]), 8), params)
+    with pytest.raises(SweepError, match="train.epochs: Input should be greater than 0"):
+        validate_candidates(candidate_grid(parse_sweep(["train.epochs=2,0"]), 8), params)
+    validate_candidates(candidate_grid(parse_sweep(["train.epochs=2,4"]), 8), params)
+
+
+def test_winner_is_the_best_validation_figure_with_ties_broken_by_name():
+    finished = {
+        "b": {"metrics": {"validation": {"loss": 1.0, "accuracy": 0.7}}},
+        "a": {"metrics": {"validation": {"loss": 1.0, "accuracy": 0.6}}},
+        "c": {"metrics": {"validation": {"loss": 1.2, "accuracy": 0.9}}},
+    }
+    assert rank(finished, "val_loss") == ["a", "b", "c"]
+    assert rank(finished, "val_accuracy") == ["c", "b", "a"]
+
+
+@pytest.fixture
+def sweep_project(project, tmp_path):
+    """The reproduced tiny project, committed, with a git identity and a local DVC remote."""
+    for key, value in (("user.name", "Sweep Test"), ("user.email", "sweep@example.com")):
+        run_command(["git", "config", key, value], project)
+    run_command([*DVC, "remote", "add", "-d", "store", str(tmp_path / "dvc-remote")], project)
+    run_command(["git", "commit", "-qam", "DVC remote"], project)
+    return project
+
+
+def exp_show(project) -> dict[str, dict]:
+    """{experiment name: its data} from `dvc exp show --json`."""
+    shown = json.loads(run_command([*DVC, "exp", "show", "--json"], project).stdout)
+    # The first baseline is the workspace; experiments hang under their commit's baseline.
+    return {group["name"]: group["revs"][0]["data"] for base in shown for group in base["experiments"] or []}
+
+
+def test_three_candidates_on_two_workers_one_diverges_the_best_is_applied(sweep_project, prefect_api, tmp_path):
+    project = sweep_project
+    # Workers share nothing with this workspace: they clone a bare repository by URL, use a DVC
+    # remote given by URL, and push their experiments there; the sweep pulls them back.
+    bare = tmp_path / "shared.git"
+    run_command(["git", "clone", "--quiet", "--bare", str(project), str(bare)], tmp_path)
+    urls = ["--repo", f"file://{bare}", "--remote", str(tmp_path / "sweep-remote")]
+    sets = ["-S", "train.optimizer=sgd", "-S", "train.learning_rate=0.01,0.03,1e30"]
+    result = run_command([*SWEEP, *sets, *urls], project)
+    names = [candidate.name for candidate in candidate_grid(parse_sweep(sets[1::2]), 8)]
+    shown = exp_show(project)
+    assert set(shown) == set(names[:2])  # the diverged one is no experiment
+    for name, rate in zip(names[:2], (0.01, 0.03), strict=True):
+        assert shown[name]["params"]["params.yaml"]["data"]["train"]["learning_rate"] == rate
+        assert "validation" in shown[name]["metrics"]["artifacts/metrics/metrics.json"]["data"]
+    summary = (project / "artifacts/sweep/summary.md").read_text()
+    assert f"| `{names[2]}` |" in summary and "failed: " in summary and "loss is not finite" in summary
+    assert all((project / f"artifacts/sweep/{name}.png").exists() for name in names[:2])
+    pids = {line.split("(pid ")[1].split(")")[0] for line in summary.splitlines() if "| trained |" in line}
+    assert len(pids) == 2  # two candidates, two worker processes
+    losses = {
+        name: shown[name]["metrics"]["artifacts/metrics/metrics.json"]["data"]["validation"]["loss"]
+        for name in names[:2]
+    }
+    winner = min(losses, key=lambda name: (losses[name], name))
+    assert f"winner: {winner} (applied to the workspace)" in result.stdout
+    assert "Data and pipelines are up to date" in run_command([*DVC, "status"], project).stdout
+    assert json.loads((project / "artifacts/metrics/metrics.json").read_text())["validation"]["loss"] == losses[winner]
+    # The same sweep again, from the committed state: every finished candidate is reused.
+    run_command(["git", "checkout", "--", "."], project)
+    run_command([*DVC, "checkout", "--force"], project)
+    again = run_command([*SWEEP, *sets, *urls], project)
+    assert again.stderr.count("reused: trained nothing") + again.stdout.count("reused: trained nothing") == 2
+    assert set(exp_show(project)) == set(names[:2])
+    assert "refs/exps/" in run_command(["git", "for-each-ref", "refs/exps"], bare).stdout  # pushed there
+    # An experiment made the plain DVC way joins the choice: --apply-best ranks them all alike.
+    run_command(
+        [*DVC, "exp", "run", "--name", "plain", "-S", "train.optimizer=sgd", "-S", "train.learning_rate=0.05"], project
+    )
+    run_command(["git", "checkout", "--", "."], project)
+    run_command([*DVC, "checkout", "--force"], project)
+    figures = {
+        name: data["metrics"]["artifacts/metrics/metrics.json"]["data"]["validation"]["loss"]
+        for name, data in exp_show(project).items()
+    }
+    best = min(figures, key=lambda name: (figures[name], name))
+    chosen = run_command([sys.executable, "-m", "flows.sweep", "--apply-best"], project)
+    assert f"winner: {best} (applied to the workspace)" in chosen.stdout and len(figures) == 3
+    assert "Data and pipelines are up to date" in run_command([*DVC, "status"], project).stdout
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid`, from /proc."""
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rpartition(")")[2].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, queue = [], [pid]
+    while queue:
+        for child in children.get(queue.pop(), []):
+            found.append(child)
+            queue.append(child)
+    return found
+
+
+def training_process_in(workspace: Path) -> int:
+    """The pid of the `python -m tasks.train` running in `workspace`."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            if b"tasks.train" in cmdline.read_bytes() and (cmdline.parent / "cwd").resolve() == workspace.resolve():
+                return int(cmdline.parent.name)
+    raise AssertionError(f"no training process in {workspace}")
+
+
+def worker_of(pid: int) -> int:
+    """The Dask worker process above `pid`: the nearest ancestor started by multiprocessing's spawn."""
+    while pid > 1:
+        if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            return pid
+        pid = int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
+    raise AssertionError("no Dask worker above the training process")
+
+
+def test_a_candidate_whose_worker_is_killed_finishes_on_another_worker(sweep_project, prefect_api, tmp_path):
+    from tests.test_faults import environment_with_fault
+
+    project = sweep_project
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    # Training holds still for 20 s before landing epoch 2, in every attempt: time to kill its worker.
+    environment = environment_with_fault(project, FAULT_AT_RENAME="epoch-002.keras", FAULT="pause", FAULT_PAUSE_S=20)
+    environment["TMPDIR"] = str(scratch)  # where candidates make their workspaces
+    sweep = subprocess.Popen(
+        [*SWEEP, "-S", "train.learning_rate=0.002"],
+        cwd=project,
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        held = wait_until(
+            lambda: list(scratch.glob("sweep-*/repo/artifacts/resume/.epoch-002.keras.*")), 240, "epoch 2"
+        )
+        training = training_process_in(held[0].parents[2])
+        killed = worker_of(training)
+        for pid in [killed, *descendants(killed)]:  # the worker and the training under it, as an OOM kill of the lot
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        output, _ = sweep.communicate(timeout=600)
+    finally:
+        sweep.kill()
+    assert sweep.returncode == 0, output
+    summary = (project / "artifacts/sweep/summary.md").read_text()
+    (row,) = [line for line in summary.splitlines() if "| trained |" in line]
+    assert f"(pid {killed})" not in row  # finished by another worker process
+    assert len(exp_show(project)) == 1
