@@ -29,7 +29,7 @@ GRID = "train.learning_rate=1.0,1.5,2.0,2.5"
 
 
 def committed_project(destination: Path, max_per_class: int) -> Path:
-    """A fresh copy of the project on a data slice, with a local DVC remote, committed."""
+    """A fresh copy of the project on a data slice, its upstream stages run, with a local DVC remote, committed."""
     project = fresh_project(destination, {})
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["ingest"]["max_per_class"] = max_per_class
@@ -38,6 +38,8 @@ def committed_project(destination: Path, max_per_class: int) -> Path:
     shutil.rmtree(remote, ignore_errors=True)
     for command in (
         [sys.executable, "-m", "dvc", "remote", "add", "-d", "-f", "team", str(remote)],
+        # The slice's upstream outputs in dvc.lock, committed: a sweep runs at a commit.
+        [sys.executable, "-m", "dvc", "repro", "--quiet", "split"],
         ["git", "add", "-A"],
         ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost", "commit", "-qm", "bench"],
     ):

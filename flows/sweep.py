@@ -20,6 +20,7 @@ to this workspace (or `--branch NAME`), and `artifacts/sweep/summary.md` lists e
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import itertools
 import json
@@ -31,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -216,7 +218,8 @@ def run_candidate(candidate: Candidate, repo: str, commit: str, remote: str) -> 
         command([*DVC, "remote", "modify", "--local", default, "url", remote], workspace, what="setting the remote")
         command([*DVC, "pull", "--quiet", *UPSTREAM_STAGES[1:]], workspace, what="pulling the upstream outputs")
         run = subprocess.run(
-            [*DVC, "exp", "run", "--name", candidate.name, *candidate.set_params()],
+            # --allow-missing: the unchanged upstream stages (and the dataset source) stay unpulled.
+            [*DVC, "exp", "run", "--allow-missing", "--name", candidate.name, *candidate.set_params()],
             cwd=workspace,
             capture_output=True,
             text=True,
@@ -433,6 +436,30 @@ def apply_best(root: Path, branch: str | None = None) -> dict:
     return {"winner": winner, "applied": applied, "summary": str(write_summary(root, params, rows, winner))}
 
 
+@contextlib.contextmanager
+def prefect_api_for_workers() -> Iterator[None]:
+    """One Prefect API for this process and the Dask workers: PREFECT_API_URL, or a temporary local server."""
+    if os.environ.get("PREFECT_API_URL"):
+        yield
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    # Without it each worker process would look for an API of its own and fail to log its task runs.
+    server = SubprocessASGIServer()
+    server.start()
+    os.environ["PREFECT_API_URL"] = server.api_url  # inherited by the workers the cluster starts
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+            yield
+    finally:
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=5)  # the run's last log lines, while the server still listens
+        os.environ.pop("PREFECT_API_URL", None)
+        server.stop()
+
+
 def main() -> None:
     """Entry point for `python -m flows.sweep`."""
     from prefect_dask import DaskTaskRunner
@@ -479,13 +506,14 @@ def main() -> None:
             result = apply_best(Path.cwd(), arguments.branch)
             print(f"winner: {result['winner']} ({result['applied']}); summary: {result['summary']}")
             return
-        result = cifar10_sweep.with_options(task_runner=runner)(
-            sets=arguments.sets,
-            max_candidates=arguments.max_candidates,
-            repo=arguments.repo,
-            remote=arguments.remote,
-            branch=arguments.branch,
-        )
+        with prefect_api_for_workers():
+            result = cifar10_sweep.with_options(task_runner=runner)(
+                sets=arguments.sets,
+                max_candidates=arguments.max_candidates,
+                repo=arguments.repo,
+                remote=arguments.remote,
+                branch=arguments.branch,
+            )
     except (ParamsError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
