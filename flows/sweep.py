@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import resource
+import signal
 import socket
 import subprocess
 import sys
@@ -205,6 +206,48 @@ def worker_identity() -> dict[str, object]:
     return {"worker": name, "address": address, "pid": os.getpid(), "host": socket.gethostname()}
 
 
+# Sent SIGTERM, kills the process group named by its argument. It gets SIGTERM as its Linux
+# parent-death signal: when the worker (thread) that started it dies, the candidate's dvc and
+# training, in a session of their own, die too instead of training on as orphans.
+GROUP_REAPER = """
+import os, signal, sys
+def reap(*_):
+    try:
+        os.killpg(int(sys.argv[1]), signal.SIGKILL)
+    finally:
+        os._exit(0)
+signal.signal(signal.SIGTERM, reap)
+while True:
+    signal.pause()
+"""
+
+
+def _die_with_parent() -> None:
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def run_with_this_worker(arguments: list[str], cwd: Path) -> tuple[int, str]:
+    """Run a command (and its children) that cannot outlive the calling worker; (exit status, output)."""
+    process = subprocess.Popen(
+        arguments,
+        cwd=cwd,
+        env=tool_environment(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    reaper = subprocess.Popen([sys.executable, "-c", GROUP_REAPER, str(process.pid)], preexec_fn=_die_with_parent)
+    try:
+        output, _ = process.communicate()
+    finally:
+        reaper.kill()  # SIGKILL: no reaping of a group that finished
+        reaper.wait()
+    return process.returncode, output
+
+
 @task(cache_policy=NO_CACHE, persist_result=False)
 def run_candidate(candidate: Candidate, repo: str, commit: str, remote: str) -> dict:
     """Clone `repo` at `commit`, pull the upstream outputs, `dvc exp run` the candidate and push it back."""
@@ -217,16 +260,12 @@ def run_candidate(candidate: Candidate, repo: str, commit: str, remote: str) -> 
         default = command([*DVC, "remote", "default"], workspace, what="reading the DVC remote").strip()
         command([*DVC, "remote", "modify", "--local", default, "url", remote], workspace, what="setting the remote")
         command([*DVC, "pull", "--quiet", *UPSTREAM_STAGES[1:]], workspace, what="pulling the upstream outputs")
-        run = subprocess.run(
-            # --allow-missing: the unchanged upstream stages (and the dataset source) stay unpulled.
-            [*DVC, "exp", "run", "--allow-missing", "--name", candidate.name, *candidate.set_params()],
-            cwd=workspace,
-            capture_output=True,
-            text=True,
-            env=tool_environment(),
+        # --allow-missing: the unchanged upstream stages (and the dataset source) stay unpulled.
+        returncode, output = run_with_this_worker(
+            [*DVC, "exp", "run", "--allow-missing", "--name", candidate.name, *candidate.set_params()], workspace
         )
-        if run.returncode != 0:
-            output = (run.stdout + run.stderr).splitlines()
+        if returncode != 0:
+            output = output.splitlines()
             reason = next((line for line in reversed(output) if line.startswith("error: ")), None)
             reason = reason or next((line for line in reversed(output) if "ERROR" in line), "see its log")
             raise CandidateFailedError(f"{candidate.name}: {reason.removeprefix('error: ')}")
@@ -244,6 +283,8 @@ def experiments(root: Path) -> dict[str, dict]:
     found = {}
     for baseline in shown:
         for group in baseline.get("experiments") or []:
+            if not group.get("revs"):  # queued or running: nothing to read yet
+                continue
             state = group["revs"][0]
             data = state.get("data") or {}
             metrics = next(

@@ -155,6 +155,16 @@ def training_process_in(workspace: Path) -> int:
     raise AssertionError(f"no training process in {workspace}")
 
 
+def candidate_processes(scratch: Path) -> list[int]:
+    """Processes whose working directory is inside `scratch` (the candidates' workspaces)."""
+    found = []
+    for cwd in Path("/proc").glob("[0-9]*/cwd"):
+        with contextlib.suppress(OSError):
+            if cwd.resolve().is_relative_to(scratch.resolve()):
+                found.append(int(cwd.parent.name))
+    return found
+
+
 def worker_of(pid: int) -> int:
     """The Dask worker process above `pid`: the nearest ancestor started by multiprocessing's spawn."""
     while pid > 1:
@@ -170,31 +180,51 @@ def test_a_candidate_whose_worker_is_killed_finishes_on_another_worker(sweep_pro
     project = sweep_project
     scratch = tmp_path / "scratch"
     scratch.mkdir()
-    # Training holds still for 20 s before landing epoch 2, in every attempt: time to kill its worker.
-    environment = environment_with_fault(project, FAULT_AT_RENAME="epoch-002.keras", FAULT="pause", FAULT_PAUSE_S=20)
+    # Training holds still for 30 s before landing epoch 2, in every attempt: time to kill its worker.
+    environment = environment_with_fault(project, FAULT_AT_RENAME="epoch-002.keras", FAULT="pause", FAULT_PAUSE_S=30)
     environment["TMPDIR"] = str(scratch)  # where candidates make their workspaces
-    sweep = subprocess.Popen(
-        [*SWEEP, "-S", "train.learning_rate=0.002"],
-        cwd=project,
-        env=environment,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    log = tmp_path / "sweep.log"  # a file, not a pipe: a full pipe would stall the sweep's logging
+    with log.open("w") as output:
+        sweep = subprocess.Popen(
+            [*SWEEP, "-S", "train.learning_rate=0.002"], cwd=project, env=environment, stdout=output, stderr=output
+        )
     try:
         held = wait_until(
-            lambda: list(scratch.glob("sweep-*/repo/artifacts/resume/.epoch-002.keras.*")), 240, "epoch 2"
+            lambda: list(scratch.glob("sweep-*/repo/artifacts/resume/.epoch-002.keras.*")), 600, "epoch 2"
         )
         training = training_process_in(held[0].parents[2])
         killed = worker_of(training)
         for pid in [killed, *descendants(killed)]:  # the worker and the training under it, as an OOM kill of the lot
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        output, _ = sweep.communicate(timeout=600)
+        sweep.wait(timeout=600)
     finally:
         sweep.kill()
-    assert sweep.returncode == 0, output
+    assert sweep.returncode == 0, log.read_text()[-3000:]
     summary = (project / "artifacts/sweep/summary.md").read_text()
     (row,) = [line for line in summary.splitlines() if "| trained |" in line]
     assert f"(pid {killed})" not in row  # finished by another worker process
     assert len(exp_show(project)) == 1
+
+
+def test_ctrl_c_on_the_coordinator_leaves_workspace_and_lock_as_they_were(sweep_project, prefect_api, tmp_path):
+    from tests.test_faults import environment_with_fault
+
+    project = sweep_project
+    lock, status = (project / "dvc.lock").read_bytes(), run_command(["git", "status", "--porcelain"], project).stdout
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    environment = environment_with_fault(project, FAULT_AT_RENAME="epoch-002.keras", FAULT="pause", FAULT_PAUSE_S=60)
+    environment["TMPDIR"] = str(scratch)
+    sweep = subprocess.Popen([*SWEEP, "-S", "train.learning_rate=0.002,0.003"], cwd=project, env=environment)
+    try:
+        wait_until(lambda: list(scratch.glob("sweep-*/repo/artifacts/resume/.epoch-002.keras.*")), 600, "training")
+        sweep.send_signal(signal.SIGINT)  # Ctrl-C
+        assert sweep.wait(timeout=120) != 0
+    finally:
+        sweep.kill()
+    # Nothing of the candidates trains on as an orphan: their dvc and training died with the workers.
+    wait_until(lambda: not candidate_processes(scratch), 30, "the candidates' processes to end")
+    assert (project / "dvc.lock").read_bytes() == lock
+    assert run_command(["git", "status", "--porcelain"], project).stdout == status
+    assert not exp_show(project)  # nothing half-registered
