@@ -184,14 +184,15 @@ DVC = [sys.executable, "-m", "dvc"]
 
 
 def default_remote_url(root: Path) -> str:
-    """The repository's default DVC remote as an absolute URL (relative ones are relative to .dvc/)."""
-    name = command([*DVC, "remote", "default"], root, what="reading the default DVC remote").strip()
-    for line in command([*DVC, "remote", "list"], root, what="listing DVC remotes").splitlines():
-        remote, _, url = line.partition("\t") if "\t" in line else line.partition(" ")
-        if remote.strip() == name:
-            url = url.strip().split()[0]
-            return url if "://" in url or Path(url).is_absolute() else str((root / ".dvc" / url).resolve())
-    raise SweepError(f"default DVC remote {name!r} has no URL")
+    """The repository's default DVC remote as an absolute URL (DVC's config resolves relative paths)."""
+    from dvc.repo import Repo
+
+    # The config, not `dvc remote list`: that prints a table whose long paths wrap.
+    with Repo(str(root)) as repo:
+        name = repo.config["core"].get("remote")
+        if not name:
+            raise SweepError("no default DVC remote: candidates need one (dvc remote add -d NAME URL) or --remote URL")
+        return repo.config["remote"][name]["url"]
 
 
 def worker_identity() -> dict[str, object]:

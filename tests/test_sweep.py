@@ -155,6 +155,13 @@ def training_process_in(workspace: Path) -> int:
     raise AssertionError(f"no training process in {workspace}")
 
 
+def holding(scratch: Path, sweep: subprocess.Popen, log: Path | None = None) -> list[Path]:
+    """The temporary epoch-2 checkpoint a held candidate waits to land; fails at once if the sweep ended."""
+    if sweep.poll() is not None:
+        pytest.fail(f"the sweep exited {sweep.returncode} early:\n{log.read_text()[-3000:] if log else ''}")
+    return list(scratch.glob("sweep-*/repo/artifacts/resume/.epoch-002.keras.*"))
+
+
 def candidate_processes(scratch: Path) -> list[int]:
     """Processes whose working directory is inside `scratch` (the candidates' workspaces)."""
     found = []
@@ -189,9 +196,7 @@ def test_a_candidate_whose_worker_is_killed_finishes_on_another_worker(sweep_pro
             [*SWEEP, "-S", "train.learning_rate=0.002"], cwd=project, env=environment, stdout=output, stderr=output
         )
     try:
-        held = wait_until(
-            lambda: list(scratch.glob("sweep-*/repo/artifacts/resume/.epoch-002.keras.*")), 600, "epoch 2"
-        )
+        held = wait_until(lambda: holding(scratch, sweep, log), 600, "epoch 2")
         training = training_process_in(held[0].parents[2])
         killed = worker_of(training)
         for pid in [killed, *descendants(killed)]:  # the worker and the training under it, as an OOM kill of the lot
@@ -218,7 +223,7 @@ def test_ctrl_c_on_the_coordinator_leaves_workspace_and_lock_as_they_were(sweep_
     environment["TMPDIR"] = str(scratch)
     sweep = subprocess.Popen([*SWEEP, "-S", "train.learning_rate=0.002,0.003"], cwd=project, env=environment)
     try:
-        wait_until(lambda: list(scratch.glob("sweep-*/repo/artifacts/resume/.epoch-002.keras.*")), 600, "training")
+        wait_until(lambda: holding(scratch, sweep), 600, "training")
         sweep.send_signal(signal.SIGINT)  # Ctrl-C
         assert sweep.wait(timeout=120) != 0
     finally:
