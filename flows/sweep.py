@@ -58,6 +58,12 @@ MONITORED = {
 }
 
 
+# Where the sweep pushes its commit in a --repo other than this one (no branch moves).
+SWEEP_REFS = "refs/sweeps/"
+# What `dvc exp run` logs when it runs the train stage, and when it restores it from the run cache.
+TRAIN_RAN, TRAIN_RESTORED = "Running stage 'train'", "Stage 'train' is cached - skipping run"
+
+
 class SweepError(DataError):
     """The sweep cannot start: bad -S values, too many candidates, or a workspace it cannot sweep from."""
 
@@ -136,6 +142,18 @@ def with_overrides(raw: dict, overrides: dict[str, object]) -> dict:
     return raw
 
 
+def changed_params(baseline: dict, params: dict, prefix: str = "") -> dict[str, object]:
+    """{dotted key: value} of the leaves of `params` that differ from `baseline` (an experiment's overrides)."""
+    changed = {}
+    for key, value in params.items():
+        before = baseline.get(key) if isinstance(baseline, dict) else None
+        if isinstance(value, dict):
+            changed |= changed_params(before or {}, value, f"{prefix}{key}.")
+        elif value != before:
+            changed[f"{prefix}{key}"] = value
+    return changed
+
+
 def validate_candidates(candidates: list[Candidate], params_path: Path) -> None:
     """Check every candidate's params against the params model before any work starts."""
     raw = yaml.safe_load(params_path.read_text())
@@ -195,6 +213,20 @@ def default_remote_url(root: Path) -> str:
         return repo.config["remote"][name]["url"]
 
 
+# Run in a candidate's workspace after `dvc exp push --run-cache`, which sends the run-cache records
+# but not the objects of outputs that are not cached (history.csv, metrics.json: git keeps them): a
+# restore elsewhere would find the record, miss those files and train again. DVC saved the objects
+# to the local cache with each record; this pushes them. (A script of its own: DVC resolves a
+# record's outputs against the working directory.)
+PUSH_RUN_CACHE_OBJECTS = """
+from dvc.repo import Repo
+with Repo() as repo:
+    records = repo.stage_cache.push(None)
+    for objects in repo.stage_cache.get_used_objs(records).values():
+        repo.cloud.push(objects)  # an object missing here came from the remote: skipped
+"""
+
+
 def worker_identity() -> dict[str, object]:
     """Which Dask worker (and process, host) runs the calling task."""
     try:
@@ -250,32 +282,47 @@ def run_with_this_worker(arguments: list[str], cwd: Path) -> tuple[int, str]:
 
 
 @task(cache_policy=NO_CACHE, persist_result=False)
-def run_candidate(candidate: Candidate, repo: str, commit: str, remote: str) -> dict:
-    """Clone `repo` at `commit`, pull the upstream outputs, `dvc exp run` the candidate and push it back."""
+def run_candidate(candidate: Candidate, repo: str, commit: str, remote: str, shared: bool) -> dict:
+    """Clone `repo` at `commit` (from SWEEP_REFS if `shared`), pull upstream outputs, `dvc exp run`, push it back."""
     started, identity = time.perf_counter(), worker_identity()
     # A workspace per attempt: a candidate retried after its worker died starts clean.
     with tempfile.TemporaryDirectory(prefix=f"{candidate.name}-") as scratch:
         workspace = Path(scratch) / "repo"
         command(["git", "clone", "--quiet", repo, str(workspace)], Path(scratch), what="cloning the repository")
+        if shared:  # a clone has the branches; the commit may be only under the ref the sweep pushed it to
+            fetch = ["git", "fetch", "--quiet", "origin", f"{SWEEP_REFS}{commit}"]
+            command(fetch, workspace, what=f"fetching {commit[:12]}")
         command(["git", "checkout", "--quiet", "--detach", commit], workspace, what=f"checking out {commit[:12]}")
         default = command([*DVC, "remote", "default"], workspace, what="reading the DVC remote").strip()
         command([*DVC, "remote", "modify", "--local", default, "url", remote], workspace, what="setting the remote")
-        command([*DVC, "pull", "--quiet", *UPSTREAM_STAGES[1:]], workspace, what="pulling the upstream outputs")
+        # --run-cache also brings the remote's record of earlier stage runs (small files): with
+        # `exp run --pull`, a stage whose deps and params some run had already restores that run's
+        # outputs from the remote instead of running again (a sweep rerun after a commit).
+        pull = [*DVC, "pull", "--quiet", "--run-cache", *UPSTREAM_STAGES[1:]]
+        command(pull, workspace, what="pulling the upstream outputs")
         # --allow-missing: the unchanged upstream stages (and the dataset source) stay unpulled.
-        returncode, output = run_with_this_worker(
-            [*DVC, "exp", "run", "--allow-missing", "--name", candidate.name, *candidate.set_params()], workspace
-        )
+        run = [*DVC, "exp", "run", "--pull", "--allow-missing", "--name", candidate.name, *candidate.set_params()]
+        returncode, output = run_with_this_worker(run, workspace)
         if returncode != 0:
             output = output.splitlines()
             reason = next((line for line in reversed(output) if line.startswith("error: ")), None)
             reason = reason or next((line for line in reversed(output) if "ERROR" in line), "see its log")
             raise CandidateFailedError(f"{candidate.name}: {reason.removeprefix('error: ')}")
-        command([*DVC, "exp", "push", "origin", candidate.name], workspace, what="pushing the experiment")
+        push = [*DVC, "exp", "push", "--run-cache", "origin", candidate.name]
+        command(push, workspace, what="pushing the experiment")
+        command([sys.executable, "-c", PUSH_RUN_CACHE_OBJECTS], workspace, what="pushing the run cache's files")
         # The largest process this worker has waited for so far (the training run): its memory peak.
         identity["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20, 2)
         params = load_params(workspace / DEFAULT_PARAMS_PATH)
         metrics = json.loads((workspace / params.paths.metrics / "metrics.json").read_text())
-    return {**identity, "name": candidate.name, "metrics": metrics, "seconds": round(time.perf_counter() - started, 1)}
+    return {
+        **identity,
+        "name": candidate.name,
+        "metrics": metrics,
+        "seconds": round(time.perf_counter() - started, 1),
+        # Restored from the run cache, or unchanged from the commit (the grid point is HEAD's params).
+        "train_stage": "trained" if TRAIN_RAN in output else "restored" if TRAIN_RESTORED in output else "unchanged",
+    }
 
 
 def experiments(root: Path) -> dict[str, dict]:
@@ -397,6 +444,10 @@ def cifar10_sweep(
     command([*DVC, "push", "--quiet", "-r", remote_name, *upstream_outputs], root_path, what="pushing upstream outputs")
     commit = command(["git", "rev-parse", "HEAD"], root_path, what="reading HEAD").strip()
     repo = repo or str(root_path)
+    elsewhere = Path(repo).resolve() != root_path
+    if elsewhere:  # workers clone `repo`: give it this commit, pushed or not, without moving any branch
+        push = ["git", "push", "--quiet", repo, f"{commit}:{SWEEP_REFS}{commit}"]
+        command(push, root_path, what="pushing the sweep's commit to --repo")
     done = experiments(root_path)
     rows: dict[str, dict] = {}
     futures = {}
@@ -404,10 +455,10 @@ def cifar10_sweep(
         row = {"name": candidate.name, "overrides": candidate.overrides}
         if candidate.name in done:
             logger.info("candidate %s %s: an experiment already, reused: trained nothing", *row.values())
-            rows[candidate.name] = {**row, "outcome": "reused", "metrics": done[candidate.name]["metrics"]}
+            rows[candidate.name] = {**row, "outcome": "reused: experiment", "metrics": done[candidate.name]["metrics"]}
         else:
             logger.info("candidate %s %s: submitted", *row.values())
-            futures[candidate.name] = run_candidate.submit(candidate, repo, commit, remote)
+            futures[candidate.name] = run_candidate.submit(candidate, repo, commit, remote, elsewhere)
             rows[candidate.name] = row
     for name, future in futures.items():
         try:
@@ -416,15 +467,19 @@ def cifar10_sweep(
             logger.warning("candidate %s failed: %s", name, error)
             rows[name] |= {"outcome": f"failed: {error}"}
             continue
+        outcome = {"trained": "trained", "restored": "reused: DVC's run cache, trained nothing"}.get(
+            result["train_stage"], "reused: the commit's own outputs, trained nothing"
+        )
         logger.info(
-            "candidate %s: trained on worker %s (pid %s) in %s s",
+            "candidate %s: %s, on worker %s (pid %s) in %s s",
             name,
+            outcome,
             result["worker"],
             result["pid"],
             result["seconds"],
         )
-        rows[name] |= {**result, "outcome": "trained"}
-        if Path(repo).resolve() != root_path:  # pushed elsewhere: bring the experiment here
+        rows[name] |= {**result, "outcome": outcome}
+        if elsewhere:  # pushed there: bring the experiment here
             command([*DVC, "exp", "pull", "--quiet", repo, name], root_path, what=f"fetching experiment {name}")
     finished = {name: row for name, row in rows.items() if row.get("metrics")}
     winner = rank(finished, params.select_best.monitor)[0] if finished else None
@@ -471,8 +526,10 @@ def apply_best(root: Path, branch: str | None = None) -> dict:
     winner = rank(known, params.select_best.monitor)[0]
     remote_name = command([*DVC, "remote", "default"], root, what="reading the DVC remote").strip()
     applied = apply_winner(root, winner, remote_name, branch)
+    baseline = yaml.safe_load(command(["git", "show", f"HEAD:{DEFAULT_PARAMS_PATH}"], root, what="reading params"))
     rows = [
-        {"name": name, "overrides": {}, "metrics": data["metrics"], "outcome": "existing"}
+        {"name": name, "overrides": changed_params(baseline, data["params"] or {}), "metrics": data["metrics"]}
+        | {"outcome": "existing"}
         for name, data in known.items()
     ]
     return {"winner": winner, "applied": applied, "summary": str(write_summary(root, params, rows, winner))}

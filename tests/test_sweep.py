@@ -21,7 +21,7 @@ from flows.sweep import (
     split_values,
     validate_candidates,
 )
-from tests.conftest import DVC, run_command, wait_until
+from tests.conftest import DVC, edit_params, run_command, wait_until
 
 SWEEP = [sys.executable, "-m", "flows.sweep", "--workers", "2"]
 
@@ -115,20 +115,55 @@ def test_three_candidates_on_two_workers_one_diverges_the_best_is_applied(sweep_
     assert again.stderr.count("reused: trained nothing") + again.stdout.count("reused: trained nothing") == 2
     assert set(exp_show(project)) == set(names[:2])
     assert "refs/exps/" in run_command(["git", "for-each-ref", "refs/exps"], bare).stdout  # pushed there
-    # An experiment made the plain DVC way joins the choice: --apply-best ranks them all alike.
-    run_command(
-        [*DVC, "exp", "run", "--name", "plain", "-S", "train.optimizer=sgd", "-S", "train.learning_rate=0.05"], project
+    # The winner committed, HEAD moves and the experiments stay with the old commit; each candidate
+    # pushed its runs to DVC's run cache in the remote, so the same grid again trains nothing.
+    run_command(["git", "commit", "--allow-empty", "-qam", "the sweep's winner"], project)
+    finite = ["-S", "train.optimizer=sgd", "-S", "train.learning_rate=0.01,0.03"]
+    third = run_command([*SWEEP, *finite, *urls], project)
+    log = third.stdout + third.stderr
+    assert log.count("trained nothing") == 2 and "reused: DVC's run cache" in log, log[-3000:]
+    assert set(exp_show(project)) == set(names[:2])  # now experiments on the new commit
+    assert "Data and pipelines are up to date" in run_command([*DVC, "status"], project).stdout
+
+
+def test_experiments_queued_the_plain_dvc_way_are_ranked_by_the_same_rule(sweep_project):
+    project = sweep_project
+    for rate in (0.02, 0.05):
+        queue = [*DVC, "exp", "run", "--queue", "--name", f"plain-{rate}", "-S", f"train.learning_rate={rate}"]
+        run_command(queue, project)
+    run_command([*DVC, "queue", "start", "-j", "2"], project)
+    wait_until(
+        lambda: "Success" in (status := queue_status(project)) and "Queued" not in status and "Running" not in status,
+        600,
+        "the queue to finish",
     )
-    run_command(["git", "checkout", "--", "."], project)
-    run_command([*DVC, "checkout", "--force"], project)
     figures = {
         name: data["metrics"]["artifacts/metrics/metrics.json"]["data"]["validation"]["loss"]
         for name, data in exp_show(project).items()
     }
+    assert set(figures) == {"plain-0.02", "plain-0.05"}, queue_status(project)
     best = min(figures, key=lambda name: (figures[name], name))
     chosen = run_command([sys.executable, "-m", "flows.sweep", "--apply-best"], project)
-    assert f"winner: {best} (applied to the workspace)" in chosen.stdout and len(figures) == 3
+    assert f"winner: {best} (applied to the workspace)" in chosen.stdout
     assert "Data and pipelines are up to date" in run_command([*DVC, "status"], project).stdout
+    summary = (project / "artifacts/sweep/summary.md").read_text()
+    assert f"`train.learning_rate={best.removeprefix('plain-')}`" in summary  # each row names its params
+
+
+def queue_status(project: Path) -> str:
+    """`dvc queue status`: one line per queued, running, finished or failed experiment."""
+    return run_command([*DVC, "queue", "status"], project).stdout
+
+
+def test_a_sweep_from_a_workspace_that_differs_from_its_commit_is_refused(sweep_project, prefect_api):
+    project = sweep_project
+    edit_params(project, "train", epochs=3)
+    refused = subprocess.run(
+        [*SWEEP, "-S", "train.learning_rate=0.01,0.02"], cwd=project, capture_output=True, text=True
+    )
+    assert refused.returncode == 2
+    assert "tracked files differ from HEAD" in refused.stderr
+    assert not exp_show(project)
 
 
 def descendants(pid: int) -> list[int]:
