@@ -1,18 +1,19 @@
-"""Speed to accuracy: full `dvc repro` from empty outputs, tutorial recipe vs speed recipe, side by side.
+"""Speed to accuracy: full `dvc repro` from empty outputs, the tutorial, the default and the long profile side by side.
 
-Usage: python -m bench.speed_to_accuracy [--recipes tutorial speed] [--repeats N] [--workdir DIR]
+Usage: python -m bench.speed_to_accuracy [--recipes tutorial speed long] [--repeats N] [--workdir DIR]
 
 Each run copies the project's tracked files into a fresh folder (no DVC cache, no outputs),
 links the dataset archive, applies the recipe's params and times `dvc repro` end to end.
 Per-epoch times come from the checkpoint files' modification times, relative to the moment
-training wrote its fingerprint (before the first epoch).
+training wrote its fingerprint (before the first epoch). Compute comes from the run's own
+compute.json (counted from the model, tasks/flops.py); the CPU's GEMM peak from bench.gemm,
+measured in the same invocation, in the numerics mode and precision each run used.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -23,14 +24,32 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from tasks.io import read_arrays, read_json, read_table
-from tasks.params import TUTORIAL_TRAIN
+from bench.gemm import gemm_peaks
+from bench.predict import cpu_line
+from flows import stage_command_environment
+from tasks.io import read_json, read_table
+from tasks.params import LONG_TRAIN, TUTORIAL_TRAIN
 from tasks.train import checkpoint_name
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# The speed recipe is params.yaml as committed; the tutorial's is its whole train section swapped in.
-RECIPES = {"tutorial": TUTORIAL_TRAIN, "speed": {}}
+# Params sections each recipe changes: the speed recipe is params.yaml as committed (portable
+# numerics); `native` is the same with every instruction set of the CPU (bf16 where it has it);
+# the tutorial's is its whole train section swapped in; `short` and `long` run native.
+NATIVE = {"numerics": {"mode": "native", "precision": "auto"}}
+RECIPES = {
+    "tutorial": {"train": TUTORIAL_TRAIN},
+    "speed": {},
+    "native": NATIVE,
+    # A short schedule for the tutorial's bar: one epoch of the speed recipe, cosine-annealed to 0.
+    "short": {"train": {"epochs": 1}, **NATIVE},
+    "long": {"train": LONG_TRAIN, **NATIVE},
+}
+
+
+def this_python_first() -> None:
+    """Make this interpreter the `python` of every dvc command the benchmark starts."""
+    os.environ.update(stage_command_environment())
 
 
 def fresh_project(destination: Path, recipe: dict) -> Path:
@@ -47,7 +66,8 @@ def fresh_project(destination: Path, recipe: dict) -> Path:
     if not archive.exists():
         sys.exit(f"error: {archive} is missing; run `dvc pull {archive}.dvc` first (see README)")
     (destination / params["ingest"]["source"]).symlink_to(archive)
-    params["train"].update(recipe)
+    for section, values in recipe.items():
+        params[section].update(values)
     (destination / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     subprocess.run(["git", "init", "-q"], cwd=destination, check=True)
     return destination
@@ -78,17 +98,20 @@ def epoch_times(project: Path, params: dict) -> pd.DataFrame:
 
 
 def measure(name: str, workdir: Path, repeat: int) -> dict:
-    """One full run of a recipe: wall time, peak memory, accuracy and its per-epoch timeline."""
+    """One full run of a recipe: wall time, peak memory, accuracy, compute and its per-epoch timeline."""
     project = fresh_project(workdir / f"{name}-{repeat}", RECIPES[name])
     print(f"[bench] {name} run {repeat + 1}: dvc repro in {project}", file=sys.stderr, flush=True)
     wall, peak_gib = timed_repro(project)
     params = yaml.safe_load((project / "params.yaml").read_text())
     metrics = read_json(project / params["paths"]["metrics"] / "metrics.json")
+    environment = read_json(project / params["paths"]["metrics"] / "environment.json")
+    compute = read_json(project / params["paths"]["training"] / "compute.json")
     history = epoch_times(project, params)
-    train_images = read_arrays(project / params["paths"]["split"] / "train_val.npz", ("y_train",))["y_train"].size
+    training_s = float(history["seconds"].iloc[-1])
     print(
         f"[bench] {name} run {repeat + 1}: test accuracy {metrics['test']['accuracy']}, repro {wall:.0f} s, "
-        f"peak {peak_gib:.2f} GiB, epochs {history[['epoch', 'val_accuracy', 'seconds']].to_dict('records')}",
+        f"peak {peak_gib:.2f} GiB, {compute['training_pflop']} PFLOP, {environment['precision']}, "
+        f"epochs {history[['epoch', 'val_accuracy', 'seconds']].to_dict('records')}",
         file=sys.stderr,
         flush=True,
     )
@@ -98,8 +121,12 @@ def measure(name: str, workdir: Path, repeat: int) -> dict:
         "test_accuracy": metrics["test"]["accuracy"],
         "best_epoch": metrics["best_epoch"],
         "history": history,
+        "numerics": (environment["numerics"], environment["precision"]),
+        "training_pflop": compute["training_pflop"],
         # Includes each epoch's validation pass and checkpoint write: what a user waits for.
-        "images_per_s": train_images * len(history) / history["seconds"].iloc[-1],
+        "images_per_s": compute["train_images"] * len(history) / training_s,
+        # Everything the training stage computed (its validation passes too) per second it took.
+        "gflop_per_s": (compute["training_pflop"] + compute["validation_pflop"]) * 1e6 / training_s,
     }
 
 
@@ -121,11 +148,14 @@ def summarise(values: list[float | None]) -> str:
 def main() -> None:
     """Run each recipe, print one table of figures with ratios against the tutorial."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipes", nargs="+", choices=sorted(RECIPES), default=["tutorial", "speed"])
+    parser.add_argument("--recipes", nargs="+", choices=sorted(RECIPES), default=["tutorial", "speed", "long"])
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/cifar10-bench"))
     arguments = parser.parse_args()
+    this_python_first()
     runs = {name: [measure(name, arguments.workdir, r) for r in range(arguments.repeats)] for name in arguments.recipes}
+    print("[bench] GEMM peaks (matmul 2048x2048) in each numerics mode and precision", file=sys.stderr, flush=True)
+    peaks = gemm_peaks()
 
     rows: dict[str, dict[str, list]] = {}
     for name, results in runs.items():
@@ -133,7 +163,12 @@ def main() -> None:
         figures["test accuracy"] = [result["test_accuracy"] for result in results]
         figures["dvc repro wall (s)"] = [result["wall_s"] for result in results]
         figures["peak RSS (GiB)"] = [result["peak_gib"] for result in results]
+        figures["training PFLOP (counted)"] = [result["training_pflop"] for result in results]
+        figures["test accuracy per training PFLOP"] = [r["test_accuracy"] / r["training_pflop"] for r in results]
         figures["train images/s"] = [result["images_per_s"] for result in results]
+        figures["achieved GFLOP/s"] = [result["gflop_per_s"] for result in results]
+        figures["GEMM peak GFLOP/s (same mode)"] = [peaks[result["numerics"]] for result in results]
+        figures["efficiency (achieved / peak)"] = [r["gflop_per_s"] / peaks[r["numerics"]] for r in results]
         figures["train s to best epoch"] = [
             float(result["history"].set_index("epoch").loc[result["best_epoch"], "seconds"]) for result in results
         ]
@@ -145,8 +180,12 @@ def main() -> None:
         for name, results in runs.items():
             rows[name][f"train s to val acc {bar:.4f}"] = [seconds_to_reach(r["history"], bar) for r in results]
 
-    machine = platform.processor() or platform.machine()
-    print(f"\nmachine: {machine}, {os.cpu_count()} cores; python {platform.python_version()}")
+    print(f"\n{cpu_line()}; python {sys.version.split()[0]}")
+    print("numerics: " + ", ".join(f"{name} {'/'.join(results[0]['numerics'])}" for name, results in runs.items()))
+    print(
+        "GEMM peaks: "
+        + ", ".join(f"{mode} {precision} {gflops:.0f} GFLOP/s" for (mode, precision), gflops in peaks.items())
+    )
     header = ["figure", *runs, *(f"{name} / tutorial" for name in runs if name != "tutorial" and "tutorial" in runs)]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))

@@ -23,7 +23,7 @@ from pathlib import Path
 import yaml
 
 from bench.predict import cpu_line
-from bench.speed_to_accuracy import fresh_project
+from bench.speed_to_accuracy import fresh_project, this_python_first
 
 GRID = "train.learning_rate=1.0,1.5,2.0,2.5"
 
@@ -67,6 +67,7 @@ def main() -> None:
     parser.add_argument("--max-per-class", type=int, default=500)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/cifar10-bench-sweep"))
     arguments = parser.parse_args()
+    this_python_first()
     results = {}
     for workers in (1, 2):
         project = committed_project(arguments.workdir / f"workers-{workers}", arguments.max_per_class)

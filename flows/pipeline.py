@@ -30,6 +30,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from flows import stage_command_environment
 from tasks.cli import EXIT_BAD_INPUT
 from tasks.ingest import RESTORE_HINT, fetch_source, source_pointer
 from tasks.io import DataError, read_json
@@ -146,15 +147,6 @@ def stage_changes(root: Path, stage: str) -> str | None:
         raise StageFailedError(f"stage {stage}: DVC cannot tell whether it is up to date: {error}") from error
 
 
-def _stage_environment() -> dict[str, str]:
-    # Stage commands say `python -m tasks.x`: make `python` this interpreter, and unbuffered
-    # so per-epoch progress reaches the log as it happens.
-    environment = dict(os.environ)
-    environment["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), environment.get("PATH", "")])
-    environment["PYTHONUNBUFFERED"] = "1"
-    return environment
-
-
 def reproduce_stage(root: Path, stage: str) -> StageOutcome:
     """Run one stage through `dvc repro --single-item` if DVC says it is stale, streaming its output."""
     logger = get_run_logger()
@@ -166,7 +158,7 @@ def reproduce_stage(root: Path, stage: str) -> StageOutcome:
     command = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
     output = []
     with subprocess.Popen(
-        command, cwd=root, env=_stage_environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        command, cwd=root, env=stage_command_environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     ) as process:
         for line in process.stdout:
             if line.strip():
@@ -216,7 +208,11 @@ def promote_challenger(root: Path) -> dict:
     """Run the promotion gate (`python -m tasks.promote`) on the evaluated workspace; publish its decision."""
     logger = get_run_logger()
     result = subprocess.run(
-        [sys.executable, "-m", "tasks.promote"], cwd=root, env=_stage_environment(), capture_output=True, text=True
+        [sys.executable, "-m", "tasks.promote"],
+        cwd=root,
+        env=stage_command_environment(),
+        capture_output=True,
+        text=True,
     )
     for line in result.stderr.splitlines():
         logger.info("promote | %s", line)

@@ -42,6 +42,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from flows import stage_command_environment
 from tasks.cli import EXIT_BAD_INPUT
 from tasks.io import DataError, atomic_path
 from tasks.params import DEFAULT_PARAMS_PATH, ParamsError, load_params, parse_params
@@ -189,8 +190,7 @@ def command(arguments: list[str], cwd: Path, *, what: str) -> str:
 
 def tool_environment() -> dict[str, str]:
     """This interpreter's tools first on PATH (stage commands say `python`), offline, with a git identity."""
-    environment = dict(os.environ)
-    environment["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), environment.get("PATH", "")])
+    environment = stage_command_environment()
     environment.setdefault("DVC_NO_ANALYTICS", "1")
     for role in ("AUTHOR", "COMMITTER"):  # experiments are commits: a worker may have no git config
         environment.setdefault(f"GIT_{role}_NAME", "cifar10 sweep")

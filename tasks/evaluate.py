@@ -108,7 +108,7 @@ def cpu_description(cpuinfo: str) -> tuple[str, str]:
     )
 
 
-def environment_record(numerics: NumericsParams) -> dict:
+def environment_record(numerics: NumericsParams, precision: str) -> dict:
     """What produced the metrics: CPU model and ISA flags, cores, numerics mode, oneDNN settings, library versions."""
     import keras
     import tensorflow as tf
@@ -124,6 +124,7 @@ def environment_record(numerics: NumericsParams) -> dict:
         "cpu_count": os.cpu_count(),
         "gpus": len(tf.config.list_physical_devices("GPU")),
         "numerics": numerics.mode,
+        "precision": precision,  # what the evaluation computed in
         "onednn_opts": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default"),
         "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "all"),
         "intra_op_threads": os.environ.get("TF_NUM_INTRAOP_THREADS", "all cores"),
@@ -207,6 +208,7 @@ def plot_samples(
 
 def run(params: Params) -> list[Path]:
     """Score the selected model on the test set; write metrics, tables and plots."""
+    from tasks.model import computes_in  # imports Keras: after run_stage has set the numerics
     paths = params.paths
     test = read_arrays(paths.prepared / "dataset.npz", ("x_test", "y_test"))
     class_names = read_json(paths.prepared / "report.json")["class_names"]
@@ -225,7 +227,7 @@ def run(params: Params) -> list[Path]:
         write_json(paths.metrics / "metrics.json", metrics_summary(scores, best)),
         write_json(paths.metrics / "confusion.json", confusion_summary(scores.confusion, class_names)),
         # Tracked beside the metrics: a metrics change with no input change points here.
-        write_json(paths.metrics / "environment.json", environment_record(params.numerics)),
+        write_json(paths.metrics / "environment.json", environment_record(params.numerics, computes_in(model))),
         write_table(paths.metrics / "per_class.csv", scores.per_class.round(4)),
         write_table(
             paths.metrics / "predictions.csv",

@@ -203,9 +203,18 @@ def load_model(path: str | Path, sha256: str | None = None):
     if sha256 is not None:
         verify_sha256(path, sha256)
     try:
-        return keras.saving.load_model(path, safe_mode=True)
+        model = keras.saving.load_model(path, safe_mode=True)
     except ValueError as error:
         if "safe_mode" not in str(error):
             raise
         # Safe mode refuses layers that carry code (Lambda): such a file could run anything on load.
         raise DataError(f"{path}: refused: the model holds code that only loads outside safe mode ({error})") from None
+    from tasks.model import computes_in, in_float32
+    from tasks.numerics import bf16_runs_here
+
+    # A model trained in bfloat16 (native mode) used where bf16 cannot run (no bf16 instructions,
+    # or oneDNN capped below them, as portable mode does): its float32 weights, computed in float32.
+    if computes_in(model) == "bfloat16" and not bf16_runs_here():
+        log.info("%s: trained in bfloat16, which cannot run here: computing in float32", path)
+        model = in_float32(model)
+    return model

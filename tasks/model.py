@@ -26,7 +26,7 @@ def build_tutorial_cnn(input_shape: tuple[int, int, int], num_classes: int) -> k
             layers.Dense(500, activation="relu"),
             layers.Dropout(0.4),
             layers.Dense(num_classes),
-            ExactSoftmax(),
+            ExactSoftmax(dtype="float32"),
         ],
         name="tutorial_cnn",
     )
@@ -198,7 +198,8 @@ def build_speed_cnn(
     x = layers.Rescaling(1.0 / 9)(x)
     if test_time_flip:
         x = MergeFlipCopies()(x)
-    outputs = ExactSoftmax()(x)
+    # Probabilities (and the loss on their logits) in float32 under a bfloat16 compute policy too.
+    outputs = ExactSoftmax(dtype="float32")(x)
     return keras.Model(inputs, outputs, name="speed_cnn")
 
 
@@ -264,3 +265,22 @@ def initialize_from_data(name: str, model: keras.Model, images: np.ndarray, seed
     """Set the data-derived starting weights of the named architecture, if it has any."""
     if name in DATA_INITIALIZERS:
         DATA_INITIALIZERS[name](model, images, seed)
+
+
+def computes_in(model: keras.Model) -> str:
+    """bfloat16 if any layer of `model` computes in bfloat16 (Keras' mixed_bfloat16), else float32."""
+    return "bfloat16" if any(layer.compute_dtype == "bfloat16" for layer in model.layers) else "float32"
+
+
+def in_float32(model: keras.Model) -> keras.Model:
+    """A copy of `model` with the same (float32) weights whose every layer computes in float32."""
+
+    def float32_layer(layer):
+        config = layer.get_config()
+        if "dtype" in config and not isinstance(layer, layers.InputLayer):  # inputs keep uint8
+            config["dtype"] = "float32"
+        return layer.__class__.from_config(config)
+
+    copy = keras.models.clone_model(model, clone_function=float32_layer)
+    copy.set_weights(model.get_weights())
+    return copy

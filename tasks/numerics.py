@@ -10,11 +10,54 @@ Native mode leaves both to the machine, for speed.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
-from tasks.params import NumericsParams
+from tasks.params import NumericsParams, ParamsError
 
 # The widest instruction set every CPU of the pool has (Zen 3 has no AVX-512).
 PORTABLE_MAX_ISA = "AVX2"
+# /proc/cpuinfo flags of CPUs with bfloat16 arithmetic in hardware (Zen 4/5, Cooper Lake, Sapphire Rapids on).
+BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+def cpu_flags() -> frozenset[str]:
+    """This machine's CPU feature flags, from /proc/cpuinfo (empty where there is none)."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    return frozenset(
+        next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
+    )
+
+
+def _isa_allows_bf16(max_isa: str | None) -> bool:
+    """Whether oneDNN capped at `max_isa` (ONEDNN_MAX_CPU_ISA; None: uncapped) still has bf16 kernels."""
+    if max_isa is None or max_isa.upper() in ("ALL", "DEFAULT"):
+        return True
+    return any(name in max_isa.upper() for name in ("BF16", "FP16", "AMX", "AVX10"))
+
+
+def bf16_runs_here(flags: frozenset[str] | None = None, max_isa: str | None = None) -> bool:
+    """Whether this process can compute in bfloat16: bf16 instructions, and oneDNN not capped below them."""
+    flags = cpu_flags() if flags is None else flags
+    return bool(flags & BF16_CPU_FLAGS) and _isa_allows_bf16(max_isa or os.environ.get("ONEDNN_MAX_CPU_ISA"))
+
+
+def compute_precision(numerics: NumericsParams, flags: frozenset[str], max_isa: str | None = None) -> str:
+    """float32 or bfloat16: what training computes in, given the CPU's `flags` and oneDNN's ISA cap."""
+    if numerics.mode == "portable":
+        return "float32"
+    usable = bool(flags & BF16_CPU_FLAGS) and _isa_allows_bf16(max_isa)
+    if numerics.precision == "auto":
+        return "bfloat16" if usable else "float32"
+    if numerics.precision == "bfloat16" and not usable:
+        # Else oneDNN fails deep in the first convolution ("could not create a primitive descriptor").
+        raise ParamsError(
+            "numerics.precision: bfloat16 needs a CPU with bf16 instructions (avx512_bf16 or amx_bf16) and "
+            f"oneDNN not capped below them (ONEDNN_MAX_CPU_ISA={max_isa or 'unset'}): use auto or float32"
+        )
+    return numerics.precision
 
 
 def numerics_environment(numerics: NumericsParams) -> dict[str, str]:

@@ -125,6 +125,25 @@ TUTORIAL_TRAIN = {
 }
 
 
+# The long profile (#12): the speed recipe at airbench94's widths for 10 epochs, about 0.33 PFLOP
+# of training (tasks/flops.py), within airbench94's 0.36. One params change away: README shows it
+# as YAML for params.yaml's train section; bench.speed_to_accuracy runs it as the recipe `long`.
+LONG_TRAIN = {
+    "model": "speed_cnn",
+    "optimizer": "sgd",
+    "learning_rate": 2.0,
+    "batch_size": 512,
+    "epochs": 10,
+    "widths": [64, 256, 256],
+    "momentum": 0.85,
+    "weight_decay": 0.00005,
+    "label_smoothing": 0.2,
+    "warmup_fraction": 0.2,
+    "augment": {"flip": True, "translate": 2},
+    "test_time_flip": True,
+}
+
+
 class SelectBestParams(_Section):
     # val_loss is the training objective (label-smoothed when train.label_smoothing > 0);
     # val_crossentropy is the plain cross-entropy, computed as evaluate computes the test's.
@@ -138,6 +157,19 @@ class NumericsParams(_Section):
     mode: Literal["portable", "native"] = "portable"
     # Threads that split each kernel's work in portable mode; native mode uses every core.
     threads: PositiveInt = 2
+    # Native mode only: bfloat16 compute with float32 weights (Keras' mixed_bfloat16), or float32;
+    # auto picks bfloat16 where the CPU has bf16 instructions (AVX512_BF16 or AMX-BF16), else float32.
+    # Portable mode always computes in float32: bf16 hardware is not on every CPU of the pool.
+    precision: Literal["auto", "float32", "bfloat16"] = "auto"
+
+    @model_validator(mode="after")
+    def _bfloat16_needs_native(self) -> NumericsParams:
+        if self.mode == "portable" and self.precision == "bfloat16":
+            raise ValueError(
+                "precision bfloat16 needs mode native: portable results must be byte-identical on every "
+                "CPU of the pool, and not every CPU has bf16 instructions (use auto or float32)"
+            )
+        return self
 
 
 class PromoteParams(_Section):

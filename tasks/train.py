@@ -27,6 +27,7 @@ from tasks.io import (
     write_json,
     write_table,
 )
+from tasks.numerics import compute_precision, cpu_flags
 from tasks.params import Params, TrainParams
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,8 @@ def run_fingerprint(params: Params, *, data_sha256: str, code_sha256: str) -> di
         "train": params.train.model_dump(),
         "seed": params.seed,
         "numerics": params.numerics.model_dump(),
+        # auto resolves per CPU: a native run resumed on a CPU without bf16 must not mix precisions.
+        "precision": compute_precision(params.numerics, cpu_flags(), os.environ.get("ONEDNN_MAX_CPU_ISA")),
         "data_sha256": data_sha256,
         "code_sha256": code_sha256,
     }
@@ -166,10 +169,15 @@ def fit(
     num_classes: int,
     checkpoints: Path,
     fingerprint: dict,
+    precision: str = "float32",
 ) -> pd.DataFrame:
     """Fit from scratch or from the last completed epoch in `checkpoints`; return the history with sha256s."""
     import keras
     import tensorflow as tf
+
+    # Layers built now compute in `precision` (weights stay float32); the saved model keeps
+    # each layer's policy, so evaluate and predict compute as training did.
+    keras.mixed_precision.set_global_policy("mixed_bfloat16" if precision == "bfloat16" else "float32")
 
     from tasks.io import load_model
     from tasks.model import build_model, initialize_from_data
@@ -206,13 +214,28 @@ def fit(
     return pd.DataFrame(history, columns=[*HISTORY_COLUMNS, "sha256"]).query("epoch <= @train.epochs")
 
 
+def compute_record(train: TrainParams, arrays: dict[str, np.ndarray], num_classes: int) -> dict:
+    """The run's compute counted from its model: FLOPs per image, PFLOP of training and validation."""
+    from tasks.flops import forward_flops, run_compute
+    from tasks.model import build_model
+
+    model = build_model(train.model, arrays["x_train"].shape[1:], num_classes, **model_options(train))
+    return run_compute(
+        forward_flops(model),
+        train_images=int(arrays["y_train"].size),
+        validation_images=int(arrays["y_val"].size),
+        epochs=train.epochs,
+        copies=2 if train.test_time_flip else 1,
+    )
+
+
 def code_fingerprint() -> str:
     """sha256 over the source of every module training runs: the train stage's code deps in dvc.yaml."""
-    from tasks import cli, io, model, numerics
+    from tasks import cli, flops, io, model, numerics
     from tasks import params as params_module
 
     digest = hashlib.sha256()
-    for module_file in sorted(Path(module.__file__) for module in (cli, io, model, numerics, params_module)):
+    for module_file in sorted(Path(module.__file__) for module in (cli, flops, io, model, numerics, params_module)):
         digest.update(module_file.read_bytes())
     digest.update(Path(__file__).read_bytes())
     return digest.hexdigest()
@@ -245,12 +268,13 @@ def run(params: Params) -> list[Path]:
         raise DataError(f"{source}: train and validation sets must both hold images")
     fingerprint = run_fingerprint(params, data_sha256=sha256_file(source), code_sha256=code_fingerprint())
     log.info(
-        "training %s on %d images (%d validation) for %d epochs, batch size %d",
+        "training %s on %d images (%d validation) for %d epochs, batch size %d, %s",
         params.train.model,
         arrays["y_train"].size,
         arrays["y_val"].size,
         params.train.epochs,
         params.train.batch_size,
+        fingerprint["precision"],
     )
     history = fit(
         arrays,
@@ -259,10 +283,12 @@ def run(params: Params) -> list[Path]:
         num_classes=num_classes,
         checkpoints=params.paths.resume,
         fingerprint=fingerprint,
+        precision=fingerprint["precision"],
     )
     return [
         publish_checkpoints(params.paths.resume, history, params.paths.checkpoints),
         write_table(params.paths.training / "history.csv", history.drop(columns="sha256")),
+        write_json(params.paths.training / "compute.json", compute_record(params.train, arrays, num_classes)),
     ]
 
 

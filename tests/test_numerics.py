@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from tasks.numerics import numerics_environment
-from tasks.params import NumericsParams, load_params
+from tasks.numerics import compute_precision, numerics_environment
+from tasks.params import NumericsParams, ParamsError, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -92,10 +92,10 @@ def test_native_mode_keeps_the_shells_onednn_settings_and_portable_overrides_the
     }
 
 
-def train_in(mode: str, params_path: Path, tmp_path: Path) -> pd.DataFrame:
+def train_in(mode: str, params_path: Path, tmp_path: Path, precision: str = "auto") -> pd.DataFrame:
     """Run the train stage's command with numerics.mode = `mode`; its history."""
     raw = yaml.safe_load(params_path.read_text())
-    raw["numerics"] = {"mode": mode, "threads": 2}
+    raw["numerics"] = {"mode": mode, "threads": 2, "precision": precision}
     raw["paths"]["resume"] = str(tmp_path / f"resume-{mode}")
     raw["paths"]["checkpoints"] = str(tmp_path / f"checkpoints-{mode}")
     raw["paths"]["training"] = str(tmp_path / f"training-{mode}")
@@ -117,11 +117,69 @@ def test_the_mode_decides_the_trained_numbers_where_the_cpu_has_avx512(split_par
     if not cpu_has_avx512() and os.cpu_count() != 2:
         pytest.skip("native mode would differ by its thread count alone on this machine")
     portable = train_in("portable", split_params, tmp_path)
-    native = train_in("native", split_params, tmp_path)
+    native = train_in("native", split_params, tmp_path, precision="float32")
     assert len(portable) == len(native) == 2
     # AVX-512 kernels add in another order than AVX2 ones: the losses part; on an AVX2-only
     # CPU both modes run the same kernels on the same 2 threads and agree to the last bit.
     assert (not portable["loss"].equals(native["loss"])) == cpu_has_avx512()
+
+
+def test_precision_follows_the_mode_and_the_cpus_bf16_instructions():
+    with_bf16, without = frozenset({"avx2", "avx512f", "amx_bf16"}), frozenset({"avx2", "fma"})
+    assert compute_precision(NumericsParams(mode="portable"), with_bf16) == "float32"
+    assert compute_precision(NumericsParams(mode="native"), with_bf16) == "bfloat16"
+    assert compute_precision(NumericsParams(mode="native"), without) == "float32"
+    assert compute_precision(NumericsParams(mode="native", precision="float32"), with_bf16) == "float32"
+    assert compute_precision(NumericsParams(mode="native", precision="bfloat16"), with_bf16) == "bfloat16"
+    with pytest.raises(ParamsError, match="bfloat16 needs a CPU with bf16 instructions"):
+        compute_precision(NumericsParams(mode="native", precision="bfloat16"), without)
+    with pytest.raises(ValueError, match="precision bfloat16 needs mode native"):
+        NumericsParams(mode="portable", precision="bfloat16")
+
+
+LOAD_CAPPED = """
+import sys
+import numpy as np
+from tasks.io import load_model
+from tasks.model import computes_in
+model = load_model(sys.argv[1])
+print(computes_in(model), model.predict(np.zeros((2, 32, 32, 3), np.uint8), verbose=0).sum())
+"""
+
+
+def test_native_bfloat16_trains_in_bfloat16_and_the_model_keeps_its_policy(split_params, tmp_path):
+    import keras
+    import numpy as np
+
+    import tasks.model  # noqa: F401  (registers the custom layers for loading)
+    from tasks.numerics import BF16_CPU_FLAGS, cpu_flags
+
+    if not cpu_flags() & BF16_CPU_FLAGS:  # a clear refusal, not oneDNN's failure in the first convolution
+        with pytest.raises(subprocess.CalledProcessError) as refused:
+            train_in("native", split_params, tmp_path, precision="bfloat16")
+        assert refused.value.returncode == 2 and b"bfloat16 needs a CPU with bf16" in refused.value.stderr
+        return
+    history = train_in("native", split_params, tmp_path, precision="bfloat16")
+    assert len(history) == 2 and np.isfinite(history[["loss", "val_loss"]].to_numpy()).all()
+    model = keras.saving.load_model(tmp_path / "checkpoints-native/epoch-002.keras")
+    policies = {layer.dtype_policy.name for layer in model.layers}
+    assert "mixed_bfloat16" in policies, policies
+    probabilities = model.predict(np.zeros((2, 32, 32, 3), np.uint8), verbose=0)
+    assert probabilities.dtype == np.float32 and np.allclose(probabilities.sum(axis=1), 1, atol=1e-5)
+    # Where bf16 cannot run (here: oneDNN capped at AVX2, as portable mode caps it), the model
+    # loads computing in float32, from the same weights, instead of failing in its first conv.
+    capped = subprocess.run(
+        [sys.executable, "-c", LOAD_CAPPED, str(tmp_path / "checkpoints-native/epoch-002.keras")],
+        env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "TF_ENABLE_ONEDNN_OPTS": "1", "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    precision, total = capped.stdout.split()[-2:]
+    assert precision == "float32" and abs(float(total) - 2) < 1e-4
+    (tmp_path / "float32").mkdir()
+    float32 = train_in("native", split_params, tmp_path / "float32", precision="float32")
+    assert not history["loss"].equals(float32["loss"])  # bf16 arithmetic, not float32 under another name
 
 
 # TensorFlow ops whose CPU kernels refine the CPU's approximate reciprocal (square root)

@@ -7,7 +7,7 @@ import math
 import pytest
 import yaml
 
-from tasks.params import TUTORIAL_TRAIN, ParamsError, load_params, parse_params
+from tasks.params import LONG_TRAIN, TUTORIAL_TRAIN, ParamsError, load_params, parse_params
 from tests.conftest import ROOT
 
 
@@ -28,6 +28,21 @@ def test_tutorial_recipe_is_a_whole_valid_train_section(raw_params):
     assert train.model == "tutorial_cnn" and train.optimizer == "rmsprop" and train.batch_size == 32
     # Every key is spelled out, so swapping it in leaves nothing of the speed recipe behind.
     assert set(TUTORIAL_TRAIN) == set(type(train).model_fields)
+
+
+def test_long_profile_is_a_whole_valid_train_section_within_its_compute_budget(raw_params):
+    from tasks.flops import forward_flops, run_compute
+    from tasks.model import build_model
+    from tasks.train import model_options
+
+    raw_params["train"] = LONG_TRAIN
+    train = parse_params(raw_params).train
+    assert set(LONG_TRAIN) == set(type(train).model_fields)
+    model = build_model(train.model, (32, 32, 3), 10, **model_options(train))
+    compute = run_compute(
+        forward_flops(model), train_images=45_000, validation_images=5_000, epochs=train.epochs, copies=2
+    )
+    assert 0.3 < compute["training_pflop"] <= 0.36  # airbench94's budget, for its 94 %
 
 
 @pytest.mark.parametrize(

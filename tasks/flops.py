@@ -1,0 +1,58 @@
+"""Compute counted from the model itself: FLOPs per image, and the PFLOP a training run spent.
+
+Counts the convolutions and dense layers (2 FLOPs per multiply-add), which are nearly all of
+the arithmetic; batch norm, GELU, pooling and the optimizer's update add about 3 % for the
+speed recipe and are left out, as airbench's and the literature's counts leave them out.
+A training step costs three forward passes (forward, and the two products of the backward
+pass); a prediction (validation, test) one, times two with test-time flips.
+"""
+
+from __future__ import annotations
+
+import math
+
+PFLOP = 1e15
+TRAINING_PASSES = 3  # forward + gradient w.r.t. activations + gradient w.r.t. weights
+
+
+def _layers(model) -> list:
+    """Every layer of `model`, nested models' layers included."""
+    found = []
+    for layer in model.layers:
+        found.extend(_layers(layer) if hasattr(layer, "layers") else [layer])
+    return found
+
+
+def forward_flops(model) -> int:
+    """FLOPs of one image's forward pass through the model's conv and dense layers."""
+    import keras
+
+    total = 0
+    for layer in _layers(model):
+        if isinstance(layer, keras.layers.Conv2D):
+            output_positions = math.prod(layer.output.shape[1:-1])
+            kernel_height, kernel_width = layer.kernel_size
+            per_position = kernel_height * kernel_width * layer.input.shape[-1] // layer.groups
+            total += 2 * output_positions * layer.filters * per_position
+        elif isinstance(layer, keras.layers.Dense):
+            total += 2 * math.prod(layer.output.shape[1:]) * layer.input.shape[-1]
+    return total
+
+
+def _significant(value: float, digits: int = 4) -> float:
+    return float(f"{value:.{digits}g}")
+
+
+def run_compute(forward: int, *, train_images: int, validation_images: int, epochs: int, copies: int) -> dict:
+    """A training run's compute: per image, and PFLOP of training and of validating every epoch.
+
+    `copies` is how many images inference runs per image: 2 with test-time flips.
+    """
+    return {
+        "forward_mflop_per_image": round(forward / 1e6, 3),
+        "inference_mflop_per_image": round(copies * forward / 1e6, 3),
+        "training_pflop": _significant(TRAINING_PASSES * forward * train_images * epochs / PFLOP),
+        "validation_pflop": _significant(copies * forward * validation_images * epochs / PFLOP),
+        "train_images": train_images,
+        "epochs": epochs,
+    }

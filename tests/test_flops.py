@@ -1,0 +1,46 @@
+"""Compute counted from the model: conv and dense FLOPs per image, and a run's PFLOP."""
+
+from __future__ import annotations
+
+import pytest
+
+from tasks.flops import forward_flops, run_compute
+
+
+def test_conv_and_dense_flops_are_two_per_multiply_add_at_every_output_position():
+    import keras
+
+    model = keras.Sequential(
+        [
+            keras.Input((8, 8, 2)),
+            keras.layers.Conv2D(4, 3, padding="same"),  # 8*8 positions x 4 filters x 3*3*2 weights
+            keras.layers.Conv2D(6, 2, padding="valid", groups=2),  # 7*7 x 6 x 2*2*(4/2)
+            keras.layers.GlobalMaxPooling2D(),
+            keras.layers.Dense(10),  # 6 x 10
+        ]
+    )
+    assert forward_flops(model) == 2 * (8 * 8 * 4 * 3 * 3 * 2 + 7 * 7 * 6 * 2 * 2 * 2 + 6 * 10)
+
+
+def test_the_speed_recipe_counts_its_stem_blocks_and_head():
+    from tasks.model import STEM_KERNEL, STEM_WIDTH, build_speed_cnn
+
+    widths = (32, 128, 128)
+    model = build_speed_cnn((32, 32, 3), 10, widths=widths, flip=True, translate=2, test_time_flip=True)
+    side = 32 - STEM_KERNEL + 1  # the stem is a valid 2x2 conv: 31x31
+    expected, channels = 2 * side * side * STEM_WIDTH * STEM_KERNEL**2 * 3, STEM_WIDTH
+    for width in widths:  # conv at this size, 2x2 pool, conv at half size
+        expected += 2 * side * side * width * 9 * channels
+        side //= 2
+        expected += 2 * side * side * width * 9 * width
+        channels = width
+    expected += 2 * channels * 10
+    assert forward_flops(model) == expected
+    assert 60e6 < expected < 70e6  # about 66 MFLOP, as docs/speed.md says
+
+
+def test_a_run_counts_three_passes_per_training_image_and_each_inference_copy():
+    compute = run_compute(10**6, train_images=1000, validation_images=100, epochs=4, copies=2)
+    assert compute["training_pflop"] == pytest.approx(3 * 10**6 * 1000 * 4 / 1e15)
+    assert compute["validation_pflop"] == pytest.approx(2 * 10**6 * 100 * 4 / 1e15)
+    assert compute["inference_mflop_per_image"] == 2.0
