@@ -586,6 +586,9 @@ def main() -> None:
     arguments = parser.parse_args()
     if not arguments.sets and not arguments.apply_best:
         parser.error("give -S KEY=V1,V2 (one or more), or --apply-best")
+    # Ctrl-C (SIGINT) stops the sweep even when it was started where SIGINT is ignored, as shells
+    # do for background jobs and Python then keeps: the candidates die with their workers.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     # A candidate whose worker dies is rerun once on another worker, then reported failed.
     # (An existing cluster's scheduler sets this itself: distributed.scheduler.allowed-failures.)
     os.environ.setdefault("DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES", "1")

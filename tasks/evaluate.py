@@ -209,6 +209,7 @@ def plot_samples(
 def run(params: Params) -> list[Path]:
     """Score the selected model on the test set; write metrics, tables and plots."""
     from tasks.model import computes_in  # imports Keras: after run_stage has set the numerics
+
     paths = params.paths
     test = read_arrays(paths.prepared / "dataset.npz", ("x_test", "y_test"))
     class_names = read_json(paths.prepared / "report.json")["class_names"]
