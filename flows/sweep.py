@@ -143,6 +143,15 @@ def with_overrides(raw: dict, overrides: dict[str, object]) -> dict:
     return raw
 
 
+def train_outcome(output: str) -> str:
+    """What `dvc exp run`'s log says of the train stage: run, restored from the run cache, or unchanged."""
+    if TRAIN_RAN in output:
+        return "trained"
+    if TRAIN_RESTORED in output:
+        return "reused: DVC's run cache, trained nothing"
+    return "reused: the commit's own outputs, trained nothing"  # the grid point is HEAD's params
+
+
 def changed_params(baseline: dict, params: dict, prefix: str = "") -> dict[str, object]:
     """{dotted key: value} of the leaves of `params` that differ from `baseline` (an experiment's overrides)."""
     changed = {}
@@ -320,8 +329,7 @@ def run_candidate(candidate: Candidate, repo: str, commit: str, remote: str, sha
         "name": candidate.name,
         "metrics": metrics,
         "seconds": round(time.perf_counter() - started, 1),
-        # Restored from the run cache, or unchanged from the commit (the grid point is HEAD's params).
-        "train_stage": "trained" if TRAIN_RAN in output else "restored" if TRAIN_RESTORED in output else "unchanged",
+        "outcome": train_outcome(output),
     }
 
 
@@ -467,9 +475,7 @@ def cifar10_sweep(
             logger.warning("candidate %s failed: %s", name, error)
             rows[name] |= {"outcome": f"failed: {error}"}
             continue
-        outcome = {"trained": "trained", "restored": "reused: DVC's run cache, trained nothing"}.get(
-            result["train_stage"], "reused: the commit's own outputs, trained nothing"
-        )
+        outcome = result["outcome"]
         logger.info(
             "candidate %s: %s, on worker %s (pid %s) in %s s",
             name,
@@ -478,7 +484,7 @@ def cifar10_sweep(
             result["pid"],
             result["seconds"],
         )
-        rows[name] |= {**result, "outcome": outcome}
+        rows[name] |= result
         if elsewhere:  # pushed there: bring the experiment here
             command([*DVC, "exp", "pull", "--quiet", repo, name], root_path, what=f"fetching experiment {name}")
     finished = {name: row for name, row in rows.items() if row.get("metrics")}
