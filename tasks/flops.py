@@ -4,7 +4,7 @@ Counts the convolutions and dense layers (2 FLOPs per multiply-add), which are n
 the arithmetic; batch norm, GELU, pooling and the optimizer's update add about 3 % for the
 speed recipe and are left out, as airbench's and the literature's counts leave them out.
 A training step costs three forward passes (forward, and the two products of the backward
-pass); a prediction (validation, test) one, times two with test-time flips.
+pass); a prediction (validation, test) one per test-time view (2 with flips, 6 with flips and shifts).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def _significant(value: float, digits: int = 4) -> float:
 def run_compute(forward: int, *, train_images: int, validation_images: int, epochs: int, copies: int) -> dict:
     """A training run's compute: per image, and PFLOP of training and of validating every epoch.
 
-    `copies` is how many images inference runs per image: 2 with test-time flips.
+    `copies` is how many views of each image inference runs: 2 with test-time flips, 6 with flips and shifts.
     """
     return {
         "forward_mflop_per_image": round(forward / 1e6, 3),

@@ -115,25 +115,74 @@ class ScaledBias(layers.Layer):
         return {**super().get_config(), "multiplier": self.multiplier}
 
 
+def _shift(images, rows: int, columns: int):
+    """`images` moved by (rows, columns) pixels, the uncovered edge filled by reflection."""
+    size = max(abs(rows), abs(columns))
+    padded = ops.pad(images, [[0, 0], [size, size], [size, size], [0, 0]], mode="reflect")
+    height, width = images.shape[1], images.shape[2]
+    return padded[:, size - rows : size - rows + height, size - columns : size - columns + width, :]
+
+
 @keras.saving.register_keras_serializable(package="tasks")
-class FlipCopies(layers.Layer):
-    """At inference, appends the mirrored images to the batch (test-time flips); training passes through."""
+class TestTimeViews(layers.Layer):
+    """At inference, appends views of the batch: shifted by `translate` pixels, and mirrored; training passes through.
+
+    The views, in order: the images, the images moved `translate` pixels up-left and down-right
+    (when translate > 0), then the mirror image of each of those (when flip).
+    """
+
+    def __init__(self, flip: bool = True, translate: int = 0, **kwargs):
+        super().__init__(**kwargs)
+        self.flip = flip
+        self.translate = translate
 
     def call(self, inputs, training=None):
         if training:
             return inputs
-        return ops.concatenate([inputs, ops.flip(inputs, axis=2)], axis=0)
+        views = [inputs]
+        if self.translate:
+            views += [_shift(inputs, -self.translate, -self.translate), _shift(inputs, self.translate, self.translate)]
+        if self.flip:
+            views += [ops.flip(view, axis=2) for view in views]
+        return ops.concatenate(views, axis=0)
+
+    def get_config(self):
+        return {**super().get_config(), "flip": self.flip, "translate": self.translate}
+
+
+def test_time_view_weights(flip: bool, translate: int) -> tuple[float, ...]:
+    """Each TestTimeViews view's weight in the prediction: half on the image, half on its shifts (airbench)."""
+    weights = (0.5, 0.25, 0.25) if translate else (1.0,)
+    return tuple(w / 2 for w in weights * 2) if flip else weights
 
 
 @keras.saving.register_keras_serializable(package="tasks")
-class MergeFlipCopies(layers.Layer):
-    """At inference, averages the logits of each image and its mirror (FlipCopies' inverse)."""
+class MergeTestTimeViews(layers.Layer):
+    """At inference, the weighted mean of each image's view logits (TestTimeViews' inverse)."""
+
+    def __init__(self, view_weights: tuple[float, ...] = (0.5, 0.5), **kwargs):
+        super().__init__(**kwargs)
+        self.view_weights = tuple(view_weights)
 
     def call(self, inputs, training=None):
         if training:
             return inputs
-        original, mirrored = ops.split(inputs, 2, axis=0)
-        return (original + mirrored) / 2
+        views = ops.split(inputs, len(self.view_weights), axis=0)
+        return sum(weight * view for weight, view in zip(self.view_weights, views, strict=True))
+
+    def get_config(self):
+        return {**super().get_config(), "view_weights": list(self.view_weights)}
+
+
+# The names models saved before test-time shifts existed use (an image and its mirror image).
+@keras.saving.register_keras_serializable(package="tasks")
+class FlipCopies(TestTimeViews):
+    """TestTimeViews with mirror images only."""
+
+
+@keras.saving.register_keras_serializable(package="tasks")
+class MergeFlipCopies(MergeTestTimeViews):
+    """MergeTestTimeViews of an image and its mirror image."""
 
 
 # airbench's BatchNorm-bias learning-rate scale is 64 = 8**2 (see ScaledBias).
@@ -169,6 +218,7 @@ def build_speed_cnn(
     flip: bool = False,
     translate: int = 0,
     test_time_flip: bool = False,
+    test_time_translate: int = 0,
 ) -> keras.Model:
     """An airbench-style CNN built for accuracy per second on a CPU; augments only while training.
 
@@ -185,8 +235,9 @@ def build_speed_cnn(
             translate / height, translate / width, fill_mode="reflect", interpolation="nearest"
         )(x)
     x = layers.Normalization(mean=CIFAR10_MEAN, variance=[s * s for s in CIFAR10_STD])(x)
-    if test_time_flip:
-        x = FlipCopies()(x)
+    test_time_views = test_time_flip or test_time_translate
+    if test_time_views:
+        x = TestTimeViews(flip=test_time_flip, translate=test_time_translate)(x)
     # Frozen patch-whitening stem (initialize_speed_cnn sets it); only its bias learns.
     x = layers.Conv2D(STEM_WIDTH, STEM_KERNEL, use_bias=False, trainable=False, name="whitening")(x)
     x = ErfGelu()(ScaledBias()(x))
@@ -196,8 +247,8 @@ def build_speed_cnn(
     x = layers.Dense(num_classes, use_bias=False)(x)
     # Scaled-down logits (airbench's 1/9) keep the early softmax soft at high learning rates.
     x = layers.Rescaling(1.0 / 9)(x)
-    if test_time_flip:
-        x = MergeFlipCopies()(x)
+    if test_time_views:
+        x = MergeTestTimeViews(test_time_view_weights(test_time_flip, test_time_translate))(x)
     # Probabilities (and the loss on their logits) in float32 under a bfloat16 compute policy too.
     outputs = ExactSoftmax(dtype="float32")(x)
     return keras.Model(inputs, outputs, name="speed_cnn")

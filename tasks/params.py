@@ -67,6 +67,14 @@ class AugmentParams(_Section):
     translate: Annotated[int, Field(ge=0, le=8, strict=True)] = 0
 
 
+class LookaheadParams(_Section):
+    # From this share of the steps on (airbench: 3 of 10 epochs), every `every_steps` steps the
+    # weights move to an exponential average of themselves, whose decay rises to `decay` per step.
+    start_fraction: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)]
+    every_steps: PositiveInt = 5
+    decay: Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)] = 0.95
+
+
 class TrainParams(_Section):
     model: Literal["tutorial_cnn", "speed_cnn"]
     optimizer: Literal["rmsprop", "adam", "sgd"]
@@ -83,8 +91,12 @@ class TrainParams(_Section):
     warmup_fraction: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)] | None = None
     # speed_cnn only: random training-time flips and shifts inside the model.
     augment: AugmentParams = AugmentParams()
+    # null: off; else lookahead weight averaging (airbench's EMA), see LookaheadParams.
+    lookahead: LookaheadParams | None = None
     # speed_cnn only: predict each image as the mean of it and its mirror image (validation and test).
     test_time_flip: bool = False
+    # speed_cnn only: also predict the image moved N pixels up-left and down-right (airbench's tta_level 2).
+    test_time_translate: Annotated[int, Field(ge=0, le=4, strict=True)] = 0
 
     @model_validator(mode="after")
     def _check_speed_only_keys(self) -> TrainParams:
@@ -96,13 +108,14 @@ class TrainParams(_Section):
                     ("widths", self.widths is None),
                     ("augment", self.augment == AugmentParams()),
                     ("test_time_flip", not self.test_time_flip),
+                    ("test_time_translate", not self.test_time_translate),
                 )
                 if not unset
             ]
             if ignored:
                 raise ValueError(
                     f"{', '.join(ignored)} apply to model speed_cnn only; {self.model} would ignore them "
-                    "(use null, {flip: false, translate: 0} and false)"
+                    "(use null, {flip: false, translate: 0}, false and 0)"
                 )
         return self
 
@@ -121,7 +134,9 @@ TUTORIAL_TRAIN = {
     "label_smoothing": 0.0,
     "warmup_fraction": None,
     "augment": {"flip": False, "translate": 0},
+    "lookahead": None,
     "test_time_flip": False,
+    "test_time_translate": 0,
 }
 
 
@@ -136,11 +151,13 @@ LONG_TRAIN = {
     "epochs": 10,
     "widths": [64, 256, 256],
     "momentum": 0.85,
-    "weight_decay": 0.00005,
+    "weight_decay": 0.005,
     "label_smoothing": 0.2,
     "warmup_fraction": 0.2,
     "augment": {"flip": True, "translate": 2},
+    "lookahead": {"start_fraction": 0.3, "every_steps": 5, "decay": 0.95},
     "test_time_flip": True,
+    "test_time_translate": 1,
 }
 
 

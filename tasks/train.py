@@ -28,7 +28,7 @@ from tasks.io import (
     write_table,
 )
 from tasks.numerics import compute_precision, cpu_flags
-from tasks.params import Params, TrainParams
+from tasks.params import LookaheadParams, Params, TrainParams
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +135,7 @@ def model_options(train: TrainParams) -> dict:
         "flip": train.augment.flip,
         "translate": train.augment.translate,
         "test_time_flip": train.test_time_flip,
+        "test_time_translate": train.test_time_translate,
     }
 
 
@@ -159,6 +160,47 @@ def _epoch_checkpointer(checkpoints: Path, history: list[dict]):
             write_table(checkpoints / RESUME_HISTORY, pd.DataFrame(history, columns=[*HISTORY_COLUMNS, "sha256"]))
 
     return EpochCheckpoint()
+
+
+def lookahead_decay(step: int, total_steps: int, lookahead: LookaheadParams) -> float:
+    """The share of the average an update at `step` keeps: near 0 early, rising to decay**every_steps at the end."""
+    return lookahead.decay**lookahead.every_steps * (step / total_steps) ** 3
+
+
+def first_lookahead_step(total_steps: int, lookahead: LookaheadParams) -> int:
+    """The step the average starts at (as the weights): the first multiple of every_steps from start_fraction on."""
+    return math.ceil(lookahead.start_fraction * total_steps / lookahead.every_steps) * lookahead.every_steps
+
+
+def _lookahead_averager(lookahead: LookaheadParams, *, total_steps: int, steps_per_epoch: int, start_epoch: int):
+    """A Keras callback that applies airbench's lookahead to every float variable (weights and BatchNorm statistics)."""
+    import keras
+
+    class Lookahead(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.variables = [v for v in self.model.weights if keras.backend.is_float_dtype(v.dtype)]
+            self.averages = None
+            # The weights equal the average at every epoch end (below), so a run resumed from a
+            # checkpoint takes the checkpoint's weights as the average: nothing else to save.
+            if first_lookahead_step(total_steps, lookahead) <= start_epoch * steps_per_epoch:
+                self.averages = [v.numpy() for v in self.variables]
+
+        def on_train_batch_end(self, batch, logs=None):
+            step = int(self.model.optimizer.iterations.numpy())
+            if step % lookahead.every_steps == 0 and step >= first_lookahead_step(total_steps, lookahead):
+                if self.averages is None:
+                    self.averages = [v.numpy() for v in self.variables]
+                    return
+                keep = lookahead_decay(step, total_steps, lookahead)
+                for average, variable in zip(self.averages, self.variables, strict=True):
+                    average += (1 - keep) * (variable.numpy() - average)
+            elif self.averages is None or step % steps_per_epoch:
+                return
+            # Copied back every update, and at each epoch end, so validation and checkpoints see the average.
+            for average, variable in zip(self.averages, self.variables, strict=True):
+                variable.assign(average)
+
+    return Lookahead()
 
 
 def fit(
@@ -187,6 +229,7 @@ def fit(
     checkpoints.mkdir(parents=True, exist_ok=True)
     history = resumable_history(checkpoints, fingerprint)
     start_epoch = int(history[-1]["epoch"]) if history else 0
+    steps_per_epoch = math.ceil(arrays["y_train"].size / train.batch_size)
     if start_epoch:
         log.info(
             "resuming from %s (epoch %d of %d)", checkpoints / checkpoint_name(start_epoch), start_epoch, train.epochs
@@ -198,7 +241,15 @@ def fit(
         write_json(checkpoints / "fingerprint.json", fingerprint)
         model = build_model(train.model, arrays["x_train"].shape[1:], num_classes, **model_options(train))
         initialize_from_data(train.model, model, arrays["x_train"], seed)
-        compile_model(model, train, steps_per_epoch=math.ceil(arrays["y_train"].size / train.batch_size))
+        compile_model(model, train, steps_per_epoch=steps_per_epoch)
+    callbacks = [_epoch_checkpointer(checkpoints, history)]
+    if train.lookahead:
+        total_steps = train.epochs * steps_per_epoch
+        callbacks.append(
+            _lookahead_averager(
+                train.lookahead, total_steps=total_steps, steps_per_epoch=steps_per_epoch, start_epoch=start_epoch
+            )
+        )
     if start_epoch < train.epochs:
         model.fit(
             arrays["x_train"],
@@ -208,7 +259,7 @@ def fit(
             initial_epoch=start_epoch,
             validation_data=(arrays["x_val"], training_targets(arrays["y_val"], train, num_classes)),
             shuffle=True,
-            callbacks=[_epoch_checkpointer(checkpoints, history)],
+            callbacks=callbacks,
             verbose=2,
         )
     return pd.DataFrame(history, columns=[*HISTORY_COLUMNS, "sha256"]).query("epoch <= @train.epochs")
@@ -217,7 +268,7 @@ def fit(
 def compute_record(train: TrainParams, arrays: dict[str, np.ndarray], num_classes: int) -> dict:
     """The run's compute counted from its model: FLOPs per image, PFLOP of training and validation."""
     from tasks.flops import forward_flops, run_compute
-    from tasks.model import build_model
+    from tasks.model import build_model, test_time_view_weights
 
     model = build_model(train.model, arrays["x_train"].shape[1:], num_classes, **model_options(train))
     return run_compute(
@@ -225,7 +276,7 @@ def compute_record(train: TrainParams, arrays: dict[str, np.ndarray], num_classe
         train_images=int(arrays["y_train"].size),
         validation_images=int(arrays["y_val"].size),
         epochs=train.epochs,
-        copies=2 if train.test_time_flip else 1,
+        copies=len(test_time_view_weights(train.test_time_flip, train.test_time_translate)),
     )
 
 

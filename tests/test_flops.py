@@ -44,3 +44,22 @@ def test_a_run_counts_three_passes_per_training_image_and_each_inference_copy():
     assert compute["training_pflop"] == pytest.approx(3 * 10**6 * 1000 * 4 / 1e15)
     assert compute["validation_pflop"] == pytest.approx(2 * 10**6 * 100 * 4 / 1e15)
     assert compute["inference_mflop_per_image"] == 2.0
+
+
+def test_inference_compute_counts_every_test_time_view():
+    import numpy as np
+
+    from tasks.params import TrainParams
+    from tasks.train import compute_record
+
+    arrays = {"x_train": np.zeros((100, 32, 32, 3), np.uint8), "y_train": np.zeros(100), "y_val": np.zeros(10)}
+    base = {"model": "speed_cnn", "optimizer": "sgd", "learning_rate": 1.0, "batch_size": 10, "epochs": 2}
+    views = {}
+    for flip, translate in ((False, 0), (True, 0), (False, 1), (True, 1)):
+        train = TrainParams(**base, widths=[8, 16], test_time_flip=flip, test_time_translate=translate)
+        record = compute_record(train, arrays, num_classes=10)
+        views[flip, translate] = record["inference_mflop_per_image"] / record["forward_mflop_per_image"]
+        assert record["validation_pflop"] == pytest.approx(
+            record["inference_mflop_per_image"] * 1e6 * 10 * 2 / 1e15, rel=1e-3
+        )
+    assert views == pytest.approx({(False, 0): 1, (True, 0): 2, (False, 1): 3, (True, 1): 6}, rel=1e-3)

@@ -68,3 +68,44 @@ def test_whitening_stem_comes_from_the_sample_not_a_prefix():
     stem = model.get_layer("whitening").get_weights()[0]
     np.testing.assert_allclose(stem, whitening_kernel(images[whitening_sample(len(images), seed=7)]), rtol=1e-5)
     assert not np.allclose(stem, whitening_kernel(images[:5000]), rtol=1e-2)
+
+
+def _shifted(images: np.ndarray, rows: int, columns: int) -> np.ndarray:
+    """`images` moved by (rows, columns) pixels with reflected edges, written independently of the model."""
+    size = max(abs(rows), abs(columns))
+    padded = np.pad(images, ((0, 0), (size, size), (size, size), (0, 0)), mode="reflect")
+    height, width = images.shape[1:3]
+    return padded[:, size - rows : size - rows + height, size - columns : size - columns + width]
+
+
+def test_test_time_views_predict_the_weighted_mean_of_the_shifted_and_mirrored_images():
+    import keras
+
+    images = _images(count=6)
+    with_views = build_model("speed_cnn", (32, 32, 3), 10, widths=(8, 16), test_time_flip=True, test_time_translate=1)
+    plain = build_model("speed_cnn", (32, 32, 3), 10, widths=(8, 16))
+    initialize_speed_cnn(with_views, _images(), seed=0)
+    plain.set_weights(with_views.get_weights())  # the views add no weights
+    # airbench's tta_level 2: half on the image (and its mirror), a quarter on each one-pixel diagonal shift.
+    views = [(images, 0.25), (_shifted(images, -1, -1), 0.125), (_shifted(images, 1, 1), 0.125)]
+    views += [(view[:, :, ::-1], weight) for view, weight in views]
+    # Log-probabilities are the logits less one constant per image, so their weighted mean has the same softmax.
+    mean_log_probabilities = sum(weight * np.log(plain.predict(view, verbose=0)) for view, weight in views)
+    expected = keras.ops.convert_to_numpy(keras.ops.softmax(mean_log_probabilities))
+    np.testing.assert_allclose(with_views.predict(images, verbose=0), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_layers_saved_before_test_time_shifts_load_as_an_image_and_its_mirror():
+    from tasks.model import FlipCopies, MergeFlipCopies
+
+    # Models saved before test-time shifts (prod's, a registry's) name these layers with no options.
+    copies_config = {k: v for k, v in FlipCopies().get_config().items() if k not in ("flip", "translate")}
+    merge_config = {k: v for k, v in MergeFlipCopies().get_config().items() if k != "view_weights"}
+    copies, merge = FlipCopies.from_config(copies_config), MergeFlipCopies.from_config(merge_config)
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(2, 4, 4, 3)).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(copies(images)), np.concatenate([images, images[:, :, ::-1]]))
+    original, mirrored = rng.normal(size=(2, 2, 10)).astype(np.float32)
+    np.testing.assert_array_equal(
+        np.asarray(merge(np.concatenate([original, mirrored]))), (original + mirrored) / np.float32(2)
+    )

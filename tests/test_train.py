@@ -94,6 +94,7 @@ SPEED_RECIPE = {
     "warmup_fraction": 0.25,
     "augment": {"flip": True, "translate": 2},
     "test_time_flip": True,
+    "lookahead": {"start_fraction": 0.3, "every_steps": 2, "decay": 0.9},
 }
 
 
@@ -145,6 +146,81 @@ def test_speed_recipe_trains_the_same_weights_twice(split_params):
     assert (params.paths.training / "history.csv").read_bytes() == first_history
     for again, before in zip(final_weights(params), first, strict=True):
         np.testing.assert_array_equal(again, before)
+
+
+def _weights_per_step(lookahead: dict, *, epochs: int, steps_per_epoch: int, start_epoch: int = 0):
+    """Fit a tiny real model with the lookahead callback; return its weights before and after it, per step."""
+    import keras
+    import numpy as np
+
+    from tasks.params import LookaheadParams
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3), keras.layers.BatchNormalization()])
+    model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9), loss="mse")
+    before, after = [], []
+
+    def recorder(into):
+        return keras.callbacks.LambdaCallback(
+            on_train_batch_end=lambda batch, logs: into.append([v.numpy().copy() for v in model.weights])
+        )
+
+    averager = train._lookahead_averager(
+        LookaheadParams(**lookahead),
+        total_steps=epochs * steps_per_epoch,
+        steps_per_epoch=steps_per_epoch,
+        start_epoch=start_epoch,
+    )
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(8 * steps_per_epoch, 4)), rng.normal(size=(8 * steps_per_epoch, 3))
+    model.optimizer.iterations.assign(start_epoch * steps_per_epoch)
+    model.fit(
+        x,
+        y,
+        batch_size=8,
+        epochs=epochs,
+        initial_epoch=start_epoch,
+        verbose=0,
+        callbacks=[recorder(before), averager, recorder(after)],
+    )
+    return before, after
+
+
+def test_lookahead_moves_the_weights_to_their_rising_average_and_hands_it_over_at_epoch_ends():
+    import numpy as np
+
+    from tasks.params import LookaheadParams
+
+    lookahead = {"start_fraction": 0.3, "every_steps": 3, "decay": 0.9}
+    epochs, steps_per_epoch = 3, 4  # 12 steps: the average starts at step 6 (first multiple of 3 from 3.6)
+    before, after = _weights_per_step(lookahead, epochs=epochs, steps_per_epoch=steps_per_epoch)
+    average = None
+    for step, (raw, seen) in enumerate(zip(before, after, strict=True), start=1):
+        if step % 3 == 0 and step >= 6:
+            if average is None:
+                average = [w.copy() for w in raw]  # starts as the weights
+            else:
+                keep = train.lookahead_decay(step, 12, LookaheadParams(**lookahead))
+                assert 0 < keep <= 0.9**3 + 1e-12
+                average = [a + (1 - keep) * (w - a) for a, w in zip(average, raw, strict=True)]
+        elif average is None or step % steps_per_epoch:
+            for got, expected in zip(seen, raw, strict=True):
+                np.testing.assert_array_equal(got, expected)  # untouched between updates
+            continue
+        for got, expected in zip(seen, average, strict=True):  # BatchNorm's statistics included
+            np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
+    assert average is not None and not np.allclose(before[-1][0], after[-1][0])
+
+
+def test_lookahead_resumed_after_it_started_takes_the_checkpoint_weights_as_its_average():
+    import numpy as np
+
+    lookahead = {"start_fraction": 0.25, "every_steps": 2, "decay": 0.9}
+    # Resumed at epoch 2 of 4 (8 steps of 16 done; the average started at step 4): the first step
+    # that is not an update (9) leaves the weights alone, the next (10) averages from the checkpoint's.
+    before, after = _weights_per_step(lookahead, epochs=4, steps_per_epoch=4, start_epoch=2)
+    np.testing.assert_array_equal(after[0][0], before[0][0])
+    assert not np.array_equal(after[1][0], before[1][0])
 
 
 def test_nan_loss_fails_without_writing_history(split_params):
