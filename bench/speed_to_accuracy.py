@@ -26,10 +26,10 @@ import yaml
 
 from bench.gemm import gemm_peaks
 from bench.predict import cpu_line
+from bench.timeline import seconds_to_reach, with_epoch_seconds
 from flows import stage_command_environment
 from tasks.io import read_json, read_table
 from tasks.params import LONG_TRAIN, TUTORIAL_TRAIN
-from tasks.train import checkpoint_name
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,13 +88,8 @@ def timed_repro(project: Path) -> tuple[float, float]:
 def epoch_times(project: Path, params: dict) -> pd.DataFrame:
     """Per-epoch validation accuracy with seconds since training started (from checkpoint mtimes)."""
     # The resume folder gets each checkpoint as its epoch ends (the output folder only at the end).
-    checkpoints = project / params["paths"]["resume"]
-    started = (checkpoints / "fingerprint.json").stat().st_mtime
     history = read_table(project / params["paths"]["training"] / "history.csv")
-    history["seconds"] = [
-        (checkpoints / checkpoint_name(epoch)).stat().st_mtime - started for epoch in history["epoch"]
-    ]
-    return history
+    return with_epoch_seconds(history, project / params["paths"]["resume"])
 
 
 def measure(name: str, workdir: Path, repeat: int) -> dict:
@@ -128,12 +123,6 @@ def measure(name: str, workdir: Path, repeat: int) -> dict:
         # Everything the training stage computed (its validation passes too) per second it took.
         "gflop_per_s": (compute["training_pflop"] + compute["validation_pflop"]) * 1e6 / training_s,
     }
-
-
-def seconds_to_reach(history: pd.DataFrame, accuracy: float) -> float | None:
-    """Training seconds until the first epoch whose validation accuracy reaches `accuracy`."""
-    reached = history[history["val_accuracy"] >= accuracy]
-    return None if reached.empty else float(reached["seconds"].iloc[0])
 
 
 def summarise(values: list[float | None]) -> str:

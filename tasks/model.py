@@ -124,6 +124,43 @@ def _shift(images, rows: int, columns: int):
 
 
 @keras.saving.register_keras_serializable(package="tasks")
+class RandomShift(layers.Layer):
+    """While training, moves each image a random whole number of pixels (-max..max each way), edges reflected.
+
+    airbench's random crops of reflect-padded images. Unlike keras' RandomTranslation it
+    compiles under XLA (jit): each image's window is picked by a one-hot weighted sum over the
+    2 max + 1 offsets, not gathered, and 1 x pixel + 0 x others is the pixel exactly.
+    """
+
+    def __init__(self, max_pixels: int, seed: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.max_pixels = max_pixels
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, inputs, training=None):
+        if not training:
+            return inputs
+        size, offsets = self.max_pixels, 2 * self.max_pixels + 1
+        height, width = inputs.shape[1], inputs.shape[2]
+        batch = ops.shape(inputs)[0]
+        x = ops.pad(inputs, [[0, 0], [size, size], [size, size], [0, 0]], mode="reflect")
+        # Rows, then columns: each image's window of the padded batch, picked by its one-hot offset.
+        for rows, length in ((True, height), (False, width)):
+            offset = keras.random.randint((batch,), 0, offsets, seed=self.seed_generator)
+            choice = ops.one_hot(offset, offsets, dtype=inputs.dtype)
+            windows = [x[:, k : k + length] if rows else x[:, :, k : k + length] for k in range(offsets)]
+            x = sum(choice[:, k, None, None, None] * window for k, window in enumerate(windows))
+        return x
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "max_pixels": self.max_pixels, "seed": self.seed}
+
+
+@keras.saving.register_keras_serializable(package="tasks")
 class TestTimeViews(layers.Layer):
     """At inference, appends views of the batch: shifted by `translate` pixels, and mirrored; training passes through.
 
@@ -145,6 +182,12 @@ class TestTimeViews(layers.Layer):
         if self.flip:
             views += [ops.flip(view, axis=2) for view in views]
         return ops.concatenate(views, axis=0)
+
+    def compute_output_shape(self, input_shape):
+        # Given, not traced: JAX cannot trace a batch of unknown size into views (TensorFlow can).
+        batch, *rest = input_shape
+        views = len(test_time_view_weights(self.flip, self.translate))
+        return (None if batch is None else batch * views, *rest)
 
     def get_config(self):
         return {**super().get_config(), "flip": self.flip, "translate": self.translate}
@@ -169,6 +212,11 @@ class MergeTestTimeViews(layers.Layer):
             return inputs
         views = ops.split(inputs, len(self.view_weights), axis=0)
         return sum(weight * view for weight, view in zip(self.view_weights, views, strict=True))
+
+    def compute_output_shape(self, input_shape):
+        # Given, not traced: JAX cannot split a batch of unknown size into views (TensorFlow can).
+        batch, *rest = input_shape
+        return (None if batch is None else batch // len(self.view_weights), *rest)
 
     def get_config(self):
         return {**super().get_config(), "view_weights": list(self.view_weights)}
@@ -230,10 +278,7 @@ def build_speed_cnn(
     if flip:
         x = layers.RandomFlip("horizontal")(x)
     if translate:
-        height, width = input_shape[:2]
-        x = layers.RandomTranslation(
-            translate / height, translate / width, fill_mode="reflect", interpolation="nearest"
-        )(x)
+        x = RandomShift(translate)(x)
     x = layers.Normalization(mean=CIFAR10_MEAN, variance=[s * s for s in CIFAR10_STD])(x)
     test_time_views = test_time_flip or test_time_translate
     if test_time_views:

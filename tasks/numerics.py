@@ -4,7 +4,8 @@ oneDNN picks its kernels at run time from the CPU's instruction sets (AVX2, AVX-
 and kernels of different widths add in different orders: the same commit and params then
 train to different weights on different CPUs. Portable mode caps oneDNN at AVX2 kernels,
 which every CPU of the pool has, and fixes the number of threads that split each reduction.
-Native mode leaves both to the machine, for speed.
+Native mode leaves both to the machine, for speed, and computes on a GPU where one is visible.
+Portable mode hides GPUs: their kernels add in yet other orders.
 """
 
 from __future__ import annotations
@@ -44,20 +45,33 @@ def bf16_runs_here(flags: frozenset[str] | None = None, max_isa: str | None = No
     return bool(flags & BF16_CPU_FLAGS) and _isa_allows_bf16(max_isa or os.environ.get("ONEDNN_MAX_CPU_ISA"))
 
 
-def compute_precision(numerics: NumericsParams, flags: frozenset[str], max_isa: str | None = None) -> str:
-    """float32 or bfloat16: what training computes in, given the CPU's `flags` and oneDNN's ISA cap."""
+def compute_precision(
+    numerics: NumericsParams, flags: frozenset[str], max_isa: str | None = None, gpus: int = 0
+) -> str:
+    """float32 or bfloat16: what training computes in, given the CPU's `flags`, oneDNN's ISA cap and visible GPUs."""
     if numerics.mode == "portable":
         return "float32"
-    usable = bool(flags & BF16_CPU_FLAGS) and _isa_allows_bf16(max_isa)
+    # Every GPU TensorFlow and JAX run on (compute capability 8 on) has bf16 tensor cores.
+    usable = gpus > 0 or (bool(flags & BF16_CPU_FLAGS) and _isa_allows_bf16(max_isa))
     if numerics.precision == "auto":
         return "bfloat16" if usable else "float32"
     if numerics.precision == "bfloat16" and not usable:
         # Else oneDNN fails deep in the first convolution ("could not create a primitive descriptor").
         raise ParamsError(
-            "numerics.precision: bfloat16 needs a CPU with bf16 instructions (avx512_bf16 or amx_bf16) and "
-            f"oneDNN not capped below them (ONEDNN_MAX_CPU_ISA={max_isa or 'unset'}): use auto or float32"
+            "numerics.precision: bfloat16 needs a GPU, or a CPU with bf16 instructions (avx512_bf16 or amx_bf16) "
+            f"and oneDNN not capped below them (ONEDNN_MAX_CPU_ISA={max_isa or 'unset'}): use auto or float32"
         )
     return numerics.precision
+
+
+def visible_gpus() -> int:
+    """How many GPUs the Keras backend (TensorFlow or JAX) computes on here; imports the backend."""
+    import keras
+
+    try:
+        return len(keras.distribution.list_devices("gpu"))
+    except RuntimeError:  # JAX's answer where it has no GPU platform
+        return 0
 
 
 def numerics_environment(numerics: NumericsParams) -> dict[str, str]:
@@ -72,6 +86,9 @@ def numerics_environment(numerics: NumericsParams) -> dict[str, str]:
             "ONEDNN_DEFAULT_FPMATH_MODE": "STRICT",
             # oneDNN runs on TensorFlow's intra-op pool; its size decides how reductions are split.
             "TF_NUM_INTRAOP_THREADS": str(numerics.threads),
+            # Train on the CPU even where a GPU is visible (TensorFlow's CUDA build, or JAX's).
+            "CUDA_VISIBLE_DEVICES": "-1",
+            "JAX_PLATFORMS": "cpu",
         }
     return settings
 

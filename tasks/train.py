@@ -27,7 +27,7 @@ from tasks.io import (
     write_json,
     write_table,
 )
-from tasks.numerics import compute_precision, cpu_flags
+from tasks.numerics import compute_precision, cpu_flags, visible_gpus
 from tasks.params import LookaheadParams, Params, TrainParams
 
 log = logging.getLogger(__name__)
@@ -55,8 +55,13 @@ def run_fingerprint(params: Params, *, data_sha256: str, code_sha256: str) -> di
         "train": params.train.model_dump(),
         "seed": params.seed,
         "numerics": params.numerics.model_dump(),
-        # auto resolves per CPU: a native run resumed on a CPU without bf16 must not mix precisions.
-        "precision": compute_precision(params.numerics, cpu_flags(), os.environ.get("ONEDNN_MAX_CPU_ISA")),
+        # auto resolves per machine: a native run resumed on a CPU without bf16 must not mix precisions.
+        "precision": compute_precision(
+            params.numerics,
+            cpu_flags(),
+            os.environ.get("ONEDNN_MAX_CPU_ISA"),
+            gpus=visible_gpus() if params.numerics.mode == "native" else 0,
+        ),
         "data_sha256": data_sha256,
         "code_sha256": code_sha256,
     }
@@ -176,18 +181,20 @@ def _lookahead_averager(lookahead: LookaheadParams, *, total_steps: int, steps_p
     """A Keras callback that applies airbench's lookahead to every float variable (weights and BatchNorm statistics)."""
     import keras
 
+    start_step = first_lookahead_step(total_steps, lookahead)
+
     class Lookahead(keras.callbacks.Callback):
         def on_train_begin(self, logs=None):
             self.variables = [v for v in self.model.weights if keras.backend.is_float_dtype(v.dtype)]
             self.averages = None
             # The weights equal the average at every epoch end (below), so a run resumed from a
             # checkpoint takes the checkpoint's weights as the average: nothing else to save.
-            if first_lookahead_step(total_steps, lookahead) <= start_epoch * steps_per_epoch:
+            if start_step <= start_epoch * steps_per_epoch:
                 self.averages = [v.numpy() for v in self.variables]
 
         def on_train_batch_end(self, batch, logs=None):
             step = int(self.model.optimizer.iterations.numpy())
-            if step % lookahead.every_steps == 0 and step >= first_lookahead_step(total_steps, lookahead):
+            if step % lookahead.every_steps == 0 and step >= start_step:
                 if self.averages is None:
                     self.averages = [v.numpy() for v in self.variables]
                     return
@@ -215,7 +222,6 @@ def fit(
 ) -> pd.DataFrame:
     """Fit from scratch or from the last completed epoch in `checkpoints`; return the history with sha256s."""
     import keras
-    import tensorflow as tf
 
     # Layers built now compute in `precision` (weights stay float32); the saved model keeps
     # each layer's policy, so evaluate and predict compute as training did.
@@ -225,7 +231,10 @@ def fit(
     from tasks.model import build_model, initialize_from_data
 
     keras.utils.set_random_seed(seed)
-    tf.config.experimental.enable_op_determinism()
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
     checkpoints.mkdir(parents=True, exist_ok=True)
     history = resumable_history(checkpoints, fingerprint)
     start_epoch = int(history[-1]["epoch"]) if history else 0

@@ -109,3 +109,28 @@ def test_layers_saved_before_test_time_shifts_load_as_an_image_and_its_mirror():
     np.testing.assert_array_equal(
         np.asarray(merge(np.concatenate([original, mirrored]))), (original + mirrored) / np.float32(2)
     )
+
+
+def test_random_shift_moves_each_image_its_own_whole_pixels_and_leaves_inference_alone():
+    import keras
+
+    from tasks.model import RandomShift
+
+    keras.utils.set_random_seed(0)
+    images = np.random.default_rng(0).uniform(size=(64, 8, 8, 3)).astype(np.float32)
+    layer = RandomShift(2)
+    moved = keras.ops.convert_to_numpy(layer(images, training=True))
+    offsets = []
+    for image, shifted in zip(images, moved, strict=True):
+        # Exactly one of the 25 reflect-filled shifts of -2..2 pixels each way, bit for bit.
+        matches = [
+            (rows, columns)
+            for rows in range(-2, 3)
+            for columns in range(-2, 3)
+            if np.array_equal(_shifted(image[None], rows, columns)[0], shifted)
+        ]
+        assert len(matches) == 1
+        offsets.append(matches[0])
+    assert len(set(offsets)) >= 16  # drawn per image, not once per batch
+    assert {rows for rows, _ in offsets} == {columns for _, columns in offsets} == {-2, -1, 0, 1, 2}
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(layer(images, training=False)), images)

@@ -89,6 +89,8 @@ def test_native_mode_keeps_the_shells_onednn_settings_and_portable_overrides_the
         "ONEDNN_MAX_CPU_ISA": "AVX2",
         "ONEDNN_DEFAULT_FPMATH_MODE": "STRICT",
         "TF_NUM_INTRAOP_THREADS": "3",
+        "CUDA_VISIBLE_DEVICES": "-1",
+        "JAX_PLATFORMS": "cpu",
     }
 
 
@@ -131,8 +133,12 @@ def test_precision_follows_the_mode_and_the_cpus_bf16_instructions():
     assert compute_precision(NumericsParams(mode="native"), without) == "float32"
     assert compute_precision(NumericsParams(mode="native", precision="float32"), with_bf16) == "float32"
     assert compute_precision(NumericsParams(mode="native", precision="bfloat16"), with_bf16) == "bfloat16"
-    with pytest.raises(ParamsError, match="bfloat16 needs a CPU with bf16 instructions"):
+    with pytest.raises(ParamsError, match="bfloat16 needs a GPU, or a CPU with bf16 instructions"):
         compute_precision(NumericsParams(mode="native", precision="bfloat16"), without)
+    # A visible GPU computes in bfloat16 whatever the host CPU has, but never in portable mode.
+    assert compute_precision(NumericsParams(mode="native"), without, gpus=1) == "bfloat16"
+    assert compute_precision(NumericsParams(mode="native", precision="bfloat16"), without, gpus=1) == "bfloat16"
+    assert compute_precision(NumericsParams(mode="portable"), without, gpus=1) == "float32"
     with pytest.raises(ValueError, match="precision bfloat16 needs mode native"):
         NumericsParams(mode="portable", precision="bfloat16")
 

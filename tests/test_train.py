@@ -160,10 +160,14 @@ def _weights_per_step(lookahead: dict, *, epochs: int, steps_per_epoch: int, sta
     model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9), loss="mse")
     before, after = [], []
 
-    def recorder(into):
-        return keras.callbacks.LambdaCallback(
-            on_train_batch_end=lambda batch, logs: into.append([v.numpy().copy() for v in model.weights])
-        )
+    class Recorder(keras.callbacks.Callback):
+        def __init__(self, into):
+            super().__init__()
+            self.into = into
+
+        def on_train_batch_end(self, batch, logs=None):
+            # Through self.model, which brings the weights up to date under JAX (its fit keeps them apart).
+            self.into.append([v.numpy().copy() for v in self.model.weights])
 
     averager = train._lookahead_averager(
         LookaheadParams(**lookahead),
@@ -181,7 +185,7 @@ def _weights_per_step(lookahead: dict, *, epochs: int, steps_per_epoch: int, sta
         epochs=epochs,
         initial_epoch=start_epoch,
         verbose=0,
-        callbacks=[recorder(before), averager, recorder(after)],
+        callbacks=[Recorder(before), averager, Recorder(after)],
     )
     return before, after
 
