@@ -6,6 +6,7 @@ import logging
 import os
 import platform
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -109,10 +110,12 @@ def cpu_description(cpuinfo: str) -> tuple[str, str]:
 
 
 def environment_record(numerics: NumericsParams, precision: str) -> dict:
-    """What produced the metrics: CPU model and ISA flags, cores, numerics mode, oneDNN settings, library versions."""
+    """What produced the metrics: CPU, cores, GPUs, numerics mode, oneDNN settings, backend and library versions."""
     import keras
-    import tensorflow as tf
 
+    from tasks.numerics import visible_gpus
+
+    backend = keras.backend.backend()
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -122,14 +125,14 @@ def environment_record(numerics: NumericsParams, precision: str) -> dict:
         "cpu": model,
         "cpu_flags": flags,
         "cpu_count": os.cpu_count(),
-        "gpus": len(tf.config.list_physical_devices("GPU")),
+        "gpus": visible_gpus(),
         "numerics": numerics.mode,
         "precision": precision,  # what the evaluation computed in
         "onednn_opts": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default"),
         "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "all"),
         "intra_op_threads": os.environ.get("TF_NUM_INTRAOP_THREADS", "all cores"),
         "python": platform.python_version(),
-        "tensorflow": tf.__version__,
+        backend: version(backend),  # "tensorflow": "2.21.0", or jax's
         "keras": keras.__version__,
         "numpy": np.__version__,
     }
