@@ -51,7 +51,8 @@ def compute_precision(
     """float32 or bfloat16: what training computes in, given the CPU's `flags`, oneDNN's ISA cap and visible GPUs."""
     if numerics.mode == "portable":
         return "float32"
-    # Every GPU TensorFlow and JAX run on (compute capability 8 on) has bf16 tensor cores.
+    # GPUs from Ampere (compute capability 8.0) on have bf16 tensor cores; on older ones (V100, T4)
+    # bf16 is slow or missing: set precision float32 there.
     usable = gpus > 0 or (bool(flags & BF16_CPU_FLAGS) and _isa_allows_bf16(max_isa))
     if numerics.precision == "auto":
         return "bfloat16" if usable else "float32"
