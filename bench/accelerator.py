@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -85,8 +86,10 @@ def main() -> None:
         seed=params.seed,
     )
     loading_s = time.perf_counter() - started
-    precision = compute_precision(NATIVE, cpu_flags(), gpus=visible_gpus())
-    print(f"[bench] {accelerator_line()}; {cpu_line()}; precision {precision}", file=sys.stderr, flush=True)
+    # As the train stage resolves it (tasks.train.run_fingerprint), oneDNN's ISA cap included.
+    precision = compute_precision(NATIVE, cpu_flags(), os.environ.get("ONEDNN_MAX_CPU_ISA"), gpus=visible_gpus())
+    accelerator = accelerator_line()
+    print(f"[bench] {accelerator}; {cpu_line()}; precision {precision}", file=sys.stderr, flush=True)
     print(
         f"[bench] data ready in {loading_s:.1f} s: {arrays['y_train'].size} train images", file=sys.stderr, flush=True
     )
@@ -115,7 +118,7 @@ def main() -> None:
     steady_s = training_s - float(history["seconds"].iloc[0])
     steady_epochs = len(history) - 1
     figures = {
-        "accelerator": accelerator_line(),
+        "accelerator": accelerator,
         "host": cpu_line(),
         "python": platform.python_version(),
         "recipe": arguments.recipe,
