@@ -6,7 +6,7 @@ Usage: python -m bench.accelerator [--recipe long|speed] [--epochs N] [--target 
 Runs the pipeline's own stage cores in one process (ingest, preprocess, split, train, select
 best, test), without DVC or Prefect, so it also runs where only Keras and one backend are
 installed: the device machines carry JAX and no TensorFlow (KERAS_BACKEND=jax there). Numerics
-are native, so training computes in bfloat16 on a GPU (tasks.numerics.compute_precision).
+are native, so training computes in bfloat16 on a GPU (tasks.numerics.run_precision).
 Epoch times come from the checkpoint files, as in bench.speed_to_accuracy; the first epoch
 includes compiling the step.
 """
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 import tempfile
@@ -27,7 +26,7 @@ import numpy as np
 
 from bench.predict import cpu_line
 from bench.timeline import seconds_to_reach, with_epoch_seconds
-from tasks.numerics import apply_numerics, compute_precision, cpu_flags
+from tasks.numerics import apply_numerics, run_precision
 from tasks.params import LONG_TRAIN, NumericsParams, TrainParams, load_params
 
 NATIVE = NumericsParams(mode="native", precision="auto")
@@ -70,7 +69,6 @@ def main() -> None:
 
     from tasks.evaluate import score_predictions
     from tasks.io import load_model
-    from tasks.numerics import visible_gpus
     from tasks.select_best import rank_checkpoints
     from tasks.train import checkpoint_name, compute_record, fit
 
@@ -86,8 +84,7 @@ def main() -> None:
         seed=params.seed,
     )
     loading_s = time.perf_counter() - started
-    # As the train stage resolves it (tasks.train.run_fingerprint), oneDNN's ISA cap included.
-    precision = compute_precision(NATIVE, cpu_flags(), os.environ.get("ONEDNN_MAX_CPU_ISA"), gpus=visible_gpus())
+    precision = run_precision(NATIVE)  # as the train stage resolves it
     accelerator = accelerator_line()
     print(f"[bench] {accelerator}; {cpu_line()}; precision {precision}", file=sys.stderr, flush=True)
     print(

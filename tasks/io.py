@@ -196,7 +196,9 @@ def load_model(path: str | Path, sha256: str | None = None):
     """Load a Keras model in safe mode, refusing it first if its sha256 is not `sha256`."""
     import keras  # deferred: importing TensorFlow takes seconds and most callers need no model
 
-    import tasks.model  # noqa: F401  (registers the custom layers the saved models use)
+    # Registers the custom layers the saved models use, and the optimizer a checkpoint saves with its state.
+    import tasks.model
+    import tasks.optimizers  # noqa: F401
 
     if not Path(path).is_file():
         raise DataError(f"{path}: model file not found (run the train stage first)")

@@ -65,6 +65,13 @@ def compute_precision(
     return numerics.precision
 
 
+def run_precision(numerics: NumericsParams) -> str:
+    """What training computes in on this machine and in this process (`compute_precision` with its facts)."""
+    # Portable mode never looks for GPUs: it hides them, and the question would import the backend.
+    gpus = visible_gpus() if numerics.mode == "native" else 0
+    return compute_precision(numerics, cpu_flags(), os.environ.get("ONEDNN_MAX_CPU_ISA"), gpus=gpus)
+
+
 def visible_gpus() -> int:
     """How many GPUs the Keras backend (TensorFlow or JAX) computes on here; imports the backend."""
     import keras

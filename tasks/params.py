@@ -75,9 +75,18 @@ class LookaheadParams(_Section):
     decay: Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)] = 0.95
 
 
+class MuonParams(_Section):
+    # The conv kernels' peak learning rate under optimizer muon: a relative step, since each
+    # kernel is rescaled to norm sqrt(output channels) first (tasks/optimizers.py).
+    learning_rate: PositiveFloat
+    # Their Nesterov momentum (airbench94_muon: 0.6).
+    momentum: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)] = 0.6
+
+
 class TrainParams(_Section):
     model: Literal["tutorial_cnn", "speed_cnn"]
-    optimizer: Literal["rmsprop", "adam", "sgd"]
+    # muon: conv kernels by Muon (train.muon), every other weight by Nesterov SGD (learning_rate, momentum).
+    optimizer: Literal["rmsprop", "adam", "sgd", "muon"]
     learning_rate: PositiveFloat
     batch_size: PositiveInt
     epochs: PositiveInt
@@ -97,6 +106,17 @@ class TrainParams(_Section):
     test_time_flip: bool = False
     # speed_cnn only: also predict the image moved N pixels up-left and down-right (airbench's tta_level 2).
     test_time_translate: Annotated[int, Field(ge=0, le=4, strict=True)] = 0
+    # optimizer muon only: the conv kernels' learning rate and momentum (MuonParams); null otherwise.
+    muon: MuonParams | None = None
+
+    @model_validator(mode="after")
+    def _check_muon_keys(self) -> TrainParams:
+        if (self.optimizer == "muon") != (self.muon is not None):
+            raise ValueError(
+                "train.muon (the conv kernels' learning_rate and momentum) is required with optimizer muon "
+                f"and must be null with any other; got optimizer {self.optimizer!r} and muon {self.muon}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_speed_only_keys(self) -> TrainParams:
@@ -137,6 +157,7 @@ TUTORIAL_TRAIN = {
     "lookahead": None,
     "test_time_flip": False,
     "test_time_translate": 0,
+    "muon": None,
 }
 
 
@@ -145,7 +166,7 @@ TUTORIAL_TRAIN = {
 # as YAML for params.yaml's train section; bench.speed_to_accuracy runs it as the recipe `long`.
 LONG_TRAIN = {
     "model": "speed_cnn",
-    "optimizer": "sgd",
+    "optimizer": "muon",
     "learning_rate": 2.0,
     "batch_size": 512,
     "epochs": 10,
@@ -158,6 +179,7 @@ LONG_TRAIN = {
     "lookahead": {"start_fraction": 0.3, "every_steps": 5, "decay": 0.95},
     "test_time_flip": True,
     "test_time_translate": 1,
+    "muon": {"learning_rate": 0.1, "momentum": 0.6},
 }
 
 

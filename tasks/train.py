@@ -27,7 +27,7 @@ from tasks.io import (
     write_json,
     write_table,
 )
-from tasks.numerics import compute_precision, cpu_flags, visible_gpus
+from tasks.numerics import run_precision
 from tasks.params import LookaheadParams, Params, TrainParams
 
 log = logging.getLogger(__name__)
@@ -56,12 +56,7 @@ def run_fingerprint(params: Params, *, data_sha256: str, code_sha256: str) -> di
         "seed": params.seed,
         "numerics": params.numerics.model_dump(),
         # auto resolves per machine: a native run resumed on a CPU without bf16 must not mix precisions.
-        "precision": compute_precision(
-            params.numerics,
-            cpu_flags(),
-            os.environ.get("ONEDNN_MAX_CPU_ISA"),
-            gpus=visible_gpus() if params.numerics.mode == "native" else 0,
-        ),
+        "precision": run_precision(params.numerics),
         "data_sha256": data_sha256,
         "code_sha256": code_sha256,
     }
@@ -105,6 +100,16 @@ def compile_model(model, train: TrainParams, *, steps_per_epoch: int) -> None:
     options = {"learning_rate": learning_rate, "weight_decay": train.weight_decay or None}
     if train.optimizer == "sgd":
         optimizer = keras.optimizers.SGD(momentum=train.momentum, nesterov=train.momentum > 0, **options)
+    elif train.optimizer == "muon":
+        from tasks.optimizers import Muon
+
+        optimizer = Muon(
+            momentum=train.momentum,
+            # The kernels' rate follows the same warm-up and decay, scaled to peak at muon.learning_rate.
+            kernel_learning_rate_scale=train.muon.learning_rate / train.learning_rate,
+            kernel_momentum=train.muon.momentum,
+            **options,
+        )
     else:
         optimizer = {"rmsprop": keras.optimizers.RMSprop, "adam": keras.optimizers.Adam}[train.optimizer](**options)
     # Label smoothing needs one-hot targets; without it the tutorial's sparse loss is kept as it was.
@@ -291,11 +296,12 @@ def compute_record(train: TrainParams, arrays: dict[str, np.ndarray], num_classe
 
 def code_fingerprint() -> str:
     """sha256 over the source of every module training runs: the train stage's code deps in dvc.yaml."""
-    from tasks import cli, flops, io, model, numerics
+    from tasks import cli, flops, io, model, numerics, optimizers
     from tasks import params as params_module
 
     digest = hashlib.sha256()
-    for module_file in sorted(Path(module.__file__) for module in (cli, flops, io, model, numerics, params_module)):
+    modules = (cli, flops, io, model, numerics, optimizers, params_module)
+    for module_file in sorted(Path(module.__file__) for module in modules):
         digest.update(module_file.read_bytes())
     digest.update(Path(__file__).read_bytes())
     return digest.hexdigest()

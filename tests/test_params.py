@@ -69,6 +69,8 @@ def test_long_profile_is_a_whole_valid_train_section_within_its_compute_budget(r
         ("train", "lookahead", {"every_steps": 5}, "train.lookahead.start_fraction"),
         ("train", "test_time_translate", 5, "train.test_time_translate"),
         ("train", "test_time_translate", True, "train.test_time_translate"),
+        ("train", "muon", {"learning_rate": 0.0}, "train.muon.learning_rate"),
+        ("train", "muon", {"learning_rate": 0.1, "momentum": 1.0}, "train.muon.momentum"),
         ("split", "validation_fraction", 0.0, "split.validation_fraction"),
         ("split", "validation_fraction", 1.0, "split.validation_fraction"),
         ("select_best", "mode", "biggest", "select_best.mode"),
@@ -110,6 +112,14 @@ def test_speed_only_keys_are_refused_for_the_tutorial_model(raw_params, key, val
     # tutorial_cnn would silently ignore them: an error, never a no-op.
     raw_params["train"] = {**TUTORIAL_TRAIN, key: value}
     with pytest.raises(ParamsError, match=f"train.{key} apply to model speed_cnn only; tutorial_cnn would ignore"):
+        parse_params(raw_params)
+
+
+@pytest.mark.parametrize(("optimizer", "muon"), [("muon", None), ("sgd", {"learning_rate": 0.1})])
+def test_muon_section_goes_with_the_muon_optimizer_only(raw_params, optimizer, muon):
+    # Without it muon has no kernel rate; with another optimizer it would be silently ignored.
+    raw_params["train"].update(optimizer=optimizer, muon=muon)
+    with pytest.raises(ParamsError, match="train.muon .* is required with optimizer muon and must be null with any"):
         parse_params(raw_params)
 
 

@@ -86,7 +86,8 @@ def test_changed_params_start_afresh(split_params):
 SPEED_RECIPE = {
     "model": "speed_cnn",
     "widths": [8, 16],
-    "optimizer": "sgd",
+    "optimizer": "muon",
+    "muon": {"learning_rate": 0.05, "momentum": 0.6},
     "learning_rate": 0.05,
     "momentum": 0.9,
     "weight_decay": 5e-4,
@@ -126,7 +127,8 @@ def test_speed_recipe_resumes_its_schedule_and_predicts_without_augmenting(split
     np.testing.assert_allclose(model.predict(x[:, :, ::-1], verbose=0), first, rtol=1e-4, atol=1e-6)
 
 
-def test_speed_recipe_trains_the_same_weights_twice(split_params):
+@pytest.mark.parametrize("optimizer", [{"optimizer": "muon"}, {"optimizer": "sgd", "muon": None}])
+def test_speed_recipe_trains_the_same_weights_twice(split_params, optimizer):
     import shutil
 
     import numpy as np
@@ -137,7 +139,7 @@ def test_speed_recipe_trains_the_same_weights_twice(split_params):
         path = params.paths.checkpoints / "epoch-002.keras"
         return load_model(path, sha256=sha256_file(path)).get_weights()
 
-    params = with_train(split_params, epochs=2, **SPEED_RECIPE)
+    params = with_train(split_params, epochs=2, **{**SPEED_RECIPE, **optimizer})
     train.run(params)
     first_history, first = (params.paths.training / "history.csv").read_bytes(), final_weights(params)
     shutil.rmtree(params.paths.checkpoints)
