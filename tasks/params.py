@@ -116,6 +116,12 @@ class TrainParams(_Section):
                 "train.muon (the conv kernels' learning_rate and momentum) is required with optimizer muon "
                 f"and must be null with any other; got optimizer {self.optimizer!r} and muon {self.muon}"
             )
+        if self.optimizer == "muon" and self.model != "speed_cnn":
+            # Muon resets each kernel's norm every step: harmless only where BatchNorm follows the conv.
+            raise ValueError(
+                f"train.optimizer muon needs BatchNorm after every conv (speed_cnn); {self.model} has none, "
+                "so rescaling its kernels would change what it computes (use sgd, rmsprop or adam)"
+            )
         return self
 
     @model_validator(mode="after")

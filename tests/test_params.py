@@ -123,6 +123,12 @@ def test_muon_section_goes_with_the_muon_optimizer_only(raw_params, optimizer, m
         parse_params(raw_params)
 
 
+def test_muon_is_refused_for_a_model_without_batchnorm(raw_params):
+    raw_params["train"] = {**TUTORIAL_TRAIN, "optimizer": "muon", "muon": {"learning_rate": 0.1}}
+    with pytest.raises(ParamsError, match="train.optimizer muon needs BatchNorm after every conv"):
+        parse_params(raw_params)
+
+
 def test_missing_and_unparsable_files_are_named(tmp_path):
     with pytest.raises(ParamsError, match="nowhere.yaml: params file not found"):
         load_params(tmp_path / "nowhere.yaml")
