@@ -59,7 +59,7 @@ class Muon(keras.optimizers.Optimizer):
         self.kernel_momentum = kernel_momentum
 
     def build(self, variables):
-        """One momentum buffer per variable (checkpointed with the model, so a resumed run continues exactly)."""
+        """One momentum buffer per variable, saved in each checkpoint: a resumed run keeps its momentum."""
         if self.built:
             return
         super().build(variables)
