@@ -45,16 +45,20 @@ def _significant(value: float, digits: int = 4) -> float:
     return float(f"{value:.{digits}g}")
 
 
-def run_compute(forward: int, *, train_images: int, validation_images: int, epochs: int, copies: int) -> dict:
+def run_compute(
+    forward: int, *, train_images: int, epochs: float, trained_images: int, validated_images: int, copies: int
+) -> dict:
     """A training run's compute: per image, and PFLOP of training and of validating every epoch.
 
-    `copies` is how many views of each image inference runs: 2 with test-time flips, 6 with flips and shifts.
+    `trained_images` and `validated_images` count each image once per pass over it (epochs x the set's
+    size for whole epochs); `copies` is how many views of each image inference runs: 2 with test-time
+    flips, 6 with flips and shifts.
     """
     return {
         "forward_mflop_per_image": round(forward / 1e6, 3),
         "inference_mflop_per_image": round(copies * forward / 1e6, 3),
-        "training_pflop": _significant(TRAINING_PASSES * forward * train_images * epochs / PFLOP),
-        "validation_pflop": _significant(copies * forward * validation_images * epochs / PFLOP),
+        "training_pflop": _significant(TRAINING_PASSES * forward * trained_images / PFLOP),
+        "validation_pflop": _significant(copies * forward * validated_images / PFLOP),
         "train_images": train_images,
         "epochs": epochs,
     }

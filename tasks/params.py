@@ -6,12 +6,16 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 DEFAULT_PARAMS_PATH = Path("params.yaml")
 
 PositiveInt = Annotated[int, Field(gt=0, strict=True)]
 PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+# A whole number stays an int (4, not 4.0), so what a stage writes from it reads as before.
+Epochs = Annotated[
+    float, Field(gt=0, strict=True, allow_inf_nan=False), AfterValidator(lambda n: int(n) if n == int(n) else n)
+]
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
 
@@ -89,7 +93,9 @@ class TrainParams(_Section):
     optimizer: Literal["rmsprop", "adam", "sgd", "muon"]
     learning_rate: PositiveFloat
     batch_size: PositiveInt
-    epochs: PositiveInt
+    # Passes over the training images; a fraction ends the last pass early (0.4: one pass over
+    # 40 % of them, in the shuffled order), as airbench's 9.9 epochs do.
+    epochs: Epochs
     # The speed recipe's keys; their defaults leave the tutorial's training exactly as it was.
     # speed_cnn only (null: its default, SPEED_CNN_WIDTHS).
     widths: Annotated[list[PositiveInt], Field(min_length=1, max_length=4)] | None = None

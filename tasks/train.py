@@ -86,13 +86,27 @@ def resumable_history(checkpoints: Path, fingerprint: dict) -> list[dict]:
     return []
 
 
+def training_steps(epochs: float, steps_per_epoch: int) -> int:
+    """Optimizer steps in `epochs` passes: a fractional last pass stops that share of the way through."""
+    # Rounded first: 0.3 * 10 is 3.0000000000000004 in floats, which is 3 steps, not 4.
+    return math.ceil(round(epochs * steps_per_epoch, 9))
+
+
+def images_trained(epochs: float, train_images: int, batch_size: int) -> int:
+    """Images the training passes see: every whole pass, then the full batches of a fractional last one."""
+    steps_per_epoch = math.ceil(train_images / batch_size)
+    whole = math.floor(epochs)
+    partial_steps = training_steps(epochs, steps_per_epoch) - whole * steps_per_epoch
+    return whole * train_images + min(partial_steps * batch_size, train_images)
+
+
 def compile_model(model, train: TrainParams, *, steps_per_epoch: int) -> None:
     """Compile with the configured optimizer, learning-rate schedule, loss and accuracy."""
     import keras
 
     learning_rate = train.learning_rate
     if train.warmup_fraction is not None:
-        total_steps = train.epochs * steps_per_epoch
+        total_steps = training_steps(train.epochs, steps_per_epoch)
         warmup_steps = int(total_steps * train.warmup_fraction)
         learning_rate = keras.optimizers.schedules.CosineDecay(
             0.0, max(total_steps - warmup_steps, 1), warmup_target=train.learning_rate, warmup_steps=warmup_steps
@@ -206,13 +220,25 @@ def _lookahead_averager(lookahead: LookaheadParams, *, total_steps: int, steps_p
                 keep = lookahead_decay(step, total_steps, lookahead)
                 for average, variable in zip(self.averages, self.variables, strict=True):
                     average += (1 - keep) * (variable.numpy() - average)
-            elif self.averages is None or step % steps_per_epoch:
+            elif self.averages is None or (step % steps_per_epoch and step != total_steps):
                 return
-            # Copied back every update, and at each epoch end, so validation and checkpoints see the average.
+            # Copied back every update, and at each epoch end (a fractional last one ends at total_steps),
+            # so validation and checkpoints see the average.
             for average, variable in zip(self.averages, self.variables, strict=True):
                 variable.assign(average)
 
     return Lookahead()
+
+
+def epoch_runs(total_steps: int, steps_per_epoch: int, start_epoch: int) -> list[tuple[int, int, int | None]]:
+    """(initial_epoch, epochs, steps_per_epoch) of each Keras fit: the whole epochs, then a fractional last one."""
+    whole = total_steps // steps_per_epoch
+    runs = [
+        (start_epoch, whole, None),
+        # Its own fit, that many steps long, so Keras' progress line counts the steps it runs.
+        (max(start_epoch, whole), math.ceil(total_steps / steps_per_epoch), total_steps - whole * steps_per_epoch),
+    ]
+    return [run for run in runs if run[0] < run[1]]
 
 
 def fit(
@@ -246,7 +272,7 @@ def fit(
     steps_per_epoch = math.ceil(arrays["y_train"].size / train.batch_size)
     if start_epoch:
         log.info(
-            "resuming from %s (epoch %d of %d)", checkpoints / checkpoint_name(start_epoch), start_epoch, train.epochs
+            "resuming from %s (epoch %d of %g)", checkpoints / checkpoint_name(start_epoch), start_epoch, train.epochs
         )
         model = load_model(checkpoints / checkpoint_name(start_epoch), sha256=str(history[-1]["sha256"]))
         # A resumed run draws fresh shuffles: reseed from the epoch so the rerun is itself repeatable.
@@ -256,27 +282,32 @@ def fit(
         model = build_model(train.model, arrays["x_train"].shape[1:], num_classes, **model_options(train))
         initialize_from_data(train.model, model, arrays["x_train"], seed)
         compile_model(model, train, steps_per_epoch=steps_per_epoch)
-    callbacks = [_epoch_checkpointer(checkpoints, history)]
-    if train.lookahead:
-        total_steps = train.epochs * steps_per_epoch
-        callbacks.append(
-            _lookahead_averager(
-                train.lookahead, total_steps=total_steps, steps_per_epoch=steps_per_epoch, start_epoch=start_epoch
+    total_steps = training_steps(train.epochs, steps_per_epoch)
+    targets = training_targets(arrays["y_train"], train, num_classes)
+    validation = (arrays["x_val"], training_targets(arrays["y_val"], train, num_classes))
+    for first, epochs, steps in epoch_runs(total_steps, steps_per_epoch, start_epoch):
+        callbacks = [_epoch_checkpointer(checkpoints, history)]
+        if train.lookahead:
+            # Started afresh for a fractional last epoch, it takes the weights as its average, as on resume.
+            callbacks.append(
+                _lookahead_averager(
+                    train.lookahead, total_steps=total_steps, steps_per_epoch=steps_per_epoch, start_epoch=first
+                )
             )
-        )
-    if start_epoch < train.epochs:
         model.fit(
             arrays["x_train"],
-            training_targets(arrays["y_train"], train, num_classes),
+            targets,
             batch_size=train.batch_size,
-            epochs=train.epochs,
-            initial_epoch=start_epoch,
-            validation_data=(arrays["x_val"], training_targets(arrays["y_val"], train, num_classes)),
+            epochs=epochs,
+            initial_epoch=first,
+            steps_per_epoch=steps,
+            validation_data=validation,
             shuffle=True,
             callbacks=callbacks,
             verbose=2,
         )
-    return pd.DataFrame(history, columns=[*HISTORY_COLUMNS, "sha256"]).query("epoch <= @train.epochs")
+    epochs = math.ceil(train.epochs)  # a fractional last one counts: it is validated and checkpointed
+    return pd.DataFrame(history, columns=[*HISTORY_COLUMNS, "sha256"]).query("epoch <= @epochs")
 
 
 def compute_record(train: TrainParams, arrays: dict[str, np.ndarray], num_classes: int) -> dict:
@@ -285,11 +316,13 @@ def compute_record(train: TrainParams, arrays: dict[str, np.ndarray], num_classe
     from tasks.model import build_model, test_time_view_weights
 
     model = build_model(train.model, arrays["x_train"].shape[1:], num_classes, **model_options(train))
+    train_images = int(arrays["y_train"].size)
     return run_compute(
         forward_flops(model),
-        train_images=int(arrays["y_train"].size),
-        validation_images=int(arrays["y_val"].size),
+        train_images=train_images,
         epochs=train.epochs,
+        trained_images=images_trained(train.epochs, train_images, train.batch_size),
+        validated_images=math.ceil(train.epochs) * int(arrays["y_val"].size),
         copies=len(test_time_view_weights(train.test_time_flip, train.test_time_translate)),
     )
 
@@ -334,7 +367,7 @@ def run(params: Params) -> list[Path]:
         raise DataError(f"{source}: train and validation sets must both hold images")
     fingerprint = run_fingerprint(params, data_sha256=sha256_file(source), code_sha256=code_fingerprint())
     log.info(
-        "training %s on %d images (%d validation) for %d epochs, batch size %d, %s",
+        "training %s on %d images (%d validation) for %g epochs, batch size %d, %s",
         params.train.model,
         arrays["y_train"].size,
         arrays["y_val"].size,

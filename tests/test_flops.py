@@ -40,7 +40,9 @@ def test_the_speed_recipe_counts_its_stem_blocks_and_head():
 
 
 def test_a_run_counts_three_passes_per_training_image_and_each_inference_copy():
-    compute = run_compute(10**6, train_images=1000, validation_images=100, epochs=4, copies=2)
+    compute = run_compute(
+        10**6, train_images=1000, epochs=4, trained_images=4 * 1000, validated_images=4 * 100, copies=2
+    )
     assert compute["training_pflop"] == pytest.approx(3 * 10**6 * 1000 * 4 / 1e15)
     assert compute["validation_pflop"] == pytest.approx(2 * 10**6 * 100 * 4 / 1e15)
     assert compute["inference_mflop_per_image"] == 2.0
@@ -63,3 +65,19 @@ def test_inference_compute_counts_every_test_time_view():
             record["inference_mflop_per_image"] * 1e6 * 10 * 2 / 1e15, rel=1e-3
         )
     assert views == pytest.approx({(False, 0): 1, (True, 0): 2, (False, 1): 3, (True, 1): 6}, rel=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("epochs", "train_images", "batch_size", "steps", "images"),
+    [
+        (4, 45_000, 512, 352, 180_000),  # whole epochs: every image, the short last batch included
+        (0.4, 45_000, 256, 71, 71 * 256),  # 0.4 of 176 steps, rounded up to a whole step
+        (0.3, 100, 10, 3, 30),  # 0.3 * 10 is 3.0000000000000004 in floats: still 3 steps
+        (3.99, 45_000, 512, 352, 180_000),  # rounds up to the whole fourth epoch, not past it
+    ],
+)
+def test_fractional_epochs_count_whole_steps_and_the_images_they_saw(epochs, train_images, batch_size, steps, images):
+    from tasks.train import images_trained, training_steps
+
+    assert training_steps(epochs, -(-train_images // batch_size)) == steps
+    assert images_trained(epochs, train_images, batch_size) == images

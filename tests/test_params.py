@@ -40,9 +40,23 @@ def test_long_profile_is_a_whole_valid_train_section_within_its_compute_budget(r
     assert set(LONG_TRAIN) == set(type(train).model_fields)
     model = build_model(train.model, (32, 32, 3), 10, **model_options(train))
     compute = run_compute(
-        forward_flops(model), train_images=45_000, validation_images=5_000, epochs=train.epochs, copies=2
+        forward_flops(model),
+        train_images=45_000,
+        epochs=train.epochs,
+        trained_images=train.epochs * 45_000,
+        validated_images=train.epochs * 5_000,
+        copies=2,
     )
     assert 0.3 < compute["training_pflop"] <= 0.36  # airbench94's budget, for its 94 %
+
+
+def test_epochs_take_a_fraction_and_keep_whole_numbers_whole(raw_params):
+    raw_params["train"]["epochs"] = 0.4
+    assert parse_params(raw_params).train.epochs == 0.4
+    for whole in (4, 4.0):
+        raw_params["train"]["epochs"] = whole
+        epochs = parse_params(raw_params).train.epochs
+        assert epochs == 4 and type(epochs) is int  # compute.json and the logs read "4", as before
 
 
 @pytest.mark.parametrize(
@@ -51,6 +65,8 @@ def test_long_profile_is_a_whole_valid_train_section_within_its_compute_budget(r
         ("train", "epochs", 0, "train.epochs"),
         ("train", "epochs", -3, "train.epochs"),
         ("train", "epochs", "ten", "train.epochs"),
+        ("train", "epochs", True, "train.epochs"),
+        ("train", "epochs", math.inf, "train.epochs"),
         ("train", "batch_size", 0, "train.batch_size"),
         ("train", "learning_rate", 0.0, "train.learning_rate"),
         ("train", "learning_rate", -0.1, "train.learning_rate"),

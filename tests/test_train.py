@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -127,6 +128,27 @@ def test_speed_recipe_resumes_its_schedule_and_predicts_without_augmenting(split
     np.testing.assert_allclose(model.predict(x[:, :, ::-1], verbose=0), first, rtol=1e-4, atol=1e-6)
 
 
+def test_a_fractional_last_epoch_stops_early_is_validated_and_counted_as_run(split_params):
+    from tasks.flops import TRAINING_PASSES
+    from tasks.io import load_model, read_arrays, read_json
+
+    params = with_train(split_params, epochs=1.5, **SPEED_RECIPE)
+    train.run(params)
+    train_images = read_arrays(params.paths.split / "train_val.npz", ("y_train",))["y_train"].size
+    steps_per_epoch = -(-train_images // params.train.batch_size)
+    history = pd.read_csv(params.paths.training / "history.csv")
+    assert history["epoch"].tolist() == [1, 2]  # the half epoch is validated and checkpointed too
+    checkpoint = params.paths.checkpoints / "epoch-002.keras"
+    model = load_model(checkpoint, sha256=sha256_file(checkpoint))
+    steps = int(model.optimizer.iterations.numpy())
+    assert steps == math.ceil(1.5 * steps_per_epoch) < 2 * steps_per_epoch
+    compute = read_json(params.paths.training / "compute.json")
+    seen = train_images + (steps - steps_per_epoch) * params.train.batch_size
+    forward = compute["forward_mflop_per_image"] * 1e6
+    assert compute["training_pflop"] == pytest.approx(TRAINING_PASSES * forward * seen / 1e15, rel=1e-3)
+    assert compute["epochs"] == 1.5
+
+
 @pytest.mark.parametrize("optimizer", [{"optimizer": "muon"}, {"optimizer": "sgd", "muon": None}])
 def test_speed_recipe_trains_the_same_weights_twice(split_params, optimizer):
     import shutil
@@ -150,7 +172,7 @@ def test_speed_recipe_trains_the_same_weights_twice(split_params, optimizer):
         np.testing.assert_array_equal(again, before)
 
 
-def _weights_per_step(lookahead: dict, *, epochs: int, steps_per_epoch: int, start_epoch: int = 0):
+def _weights_per_step(lookahead: dict, *, epochs: float, steps_per_epoch: int, start_epoch: int = 0):
     """Fit a tiny real model with the lookahead callback; return its weights before and after it, per step."""
     import keras
     import numpy as np
@@ -171,45 +193,52 @@ def _weights_per_step(lookahead: dict, *, epochs: int, steps_per_epoch: int, sta
             # Through self.model, which brings the weights up to date under JAX (its fit keeps them apart).
             self.into.append([v.numpy().copy() for v in self.model.weights])
 
-    averager = train._lookahead_averager(
-        LookaheadParams(**lookahead),
-        total_steps=epochs * steps_per_epoch,
-        steps_per_epoch=steps_per_epoch,
-        start_epoch=start_epoch,
-    )
+    total_steps = train.training_steps(epochs, steps_per_epoch)
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(8 * steps_per_epoch, 4)), rng.normal(size=(8 * steps_per_epoch, 3))
     model.optimizer.iterations.assign(start_epoch * steps_per_epoch)
-    model.fit(
-        x,
-        y,
-        batch_size=8,
-        epochs=epochs,
-        initial_epoch=start_epoch,
-        verbose=0,
-        callbacks=[Recorder(before), averager, Recorder(after)],
-    )
+    for first, last, steps in train.epoch_runs(total_steps, steps_per_epoch, start_epoch):
+        # As train.fit does: a fractional last epoch is its own fit, with a lookahead started afresh.
+        averager = train._lookahead_averager(
+            LookaheadParams(**lookahead), total_steps=total_steps, steps_per_epoch=steps_per_epoch, start_epoch=first
+        )
+        model.fit(
+            x,
+            y,
+            batch_size=8,
+            epochs=last,
+            initial_epoch=first,
+            steps_per_epoch=steps,
+            verbose=0,
+            callbacks=[Recorder(before), averager, Recorder(after)],
+        )
     return before, after
 
 
-def test_lookahead_moves_the_weights_to_their_rising_average_and_hands_it_over_at_epoch_ends():
+# 3 epochs: 12 steps, the average starts at step 6 (the first multiple of 3 from 0.3 x 12). 2.5 epochs:
+# 10 steps, it starts at step 3, and the last epoch ends at step 10, which is no update and no multiple of 4.
+@pytest.mark.parametrize(("epochs", "total_steps", "first_update"), [(3, 12, 6), (2.5, 10, 3)])
+def test_lookahead_moves_the_weights_to_their_rising_average_and_hands_it_over_at_epoch_ends(
+    epochs, total_steps, first_update
+):
     import numpy as np
 
     from tasks.params import LookaheadParams
 
     lookahead = {"start_fraction": 0.3, "every_steps": 3, "decay": 0.9}
-    epochs, steps_per_epoch = 3, 4  # 12 steps: the average starts at step 6 (first multiple of 3 from 3.6)
+    steps_per_epoch = 4
     before, after = _weights_per_step(lookahead, epochs=epochs, steps_per_epoch=steps_per_epoch)
+    assert len(before) == total_steps
     average = None
     for step, (raw, seen) in enumerate(zip(before, after, strict=True), start=1):
-        if step % 3 == 0 and step >= 6:
+        if step % 3 == 0 and step >= first_update:
             if average is None:
                 average = [w.copy() for w in raw]  # starts as the weights
             else:
-                keep = train.lookahead_decay(step, 12, LookaheadParams(**lookahead))
+                keep = train.lookahead_decay(step, total_steps, LookaheadParams(**lookahead))
                 assert 0 < keep <= 0.9**3 + 1e-12
                 average = [a + (1 - keep) * (w - a) for a, w in zip(average, raw, strict=True)]
-        elif average is None or step % steps_per_epoch:
+        elif average is None or (step % steps_per_epoch and step != total_steps):
             for got, expected in zip(seen, raw, strict=True):
                 np.testing.assert_array_equal(got, expected)  # untouched between updates
             continue
