@@ -285,7 +285,7 @@ def fit(
     total_steps = training_steps(train.epochs, steps_per_epoch)
     targets = training_targets(arrays["y_train"], train, num_classes)
     validation = (arrays["x_val"], training_targets(arrays["y_val"], train, num_classes))
-    for first, epochs, steps in epoch_runs(total_steps, steps_per_epoch, start_epoch):
+    for first, last, steps in epoch_runs(total_steps, steps_per_epoch, start_epoch):
         callbacks = [_epoch_checkpointer(checkpoints, history)]
         if train.lookahead:
             # Started afresh for a fractional last epoch, it takes the weights as its average, as on resume.
@@ -298,7 +298,7 @@ def fit(
             arrays["x_train"],
             targets,
             batch_size=train.batch_size,
-            epochs=epochs,
+            epochs=last,
             initial_epoch=first,
             steps_per_epoch=steps,
             validation_data=validation,
@@ -306,8 +306,9 @@ def fit(
             callbacks=callbacks,
             verbose=2,
         )
-    epochs = math.ceil(train.epochs)  # a fractional last one counts: it is validated and checkpointed
-    return pd.DataFrame(history, columns=[*HISTORY_COLUMNS, "sha256"]).query("epoch <= @epochs")
+    frame = pd.DataFrame(history, columns=[*HISTORY_COLUMNS, "sha256"])
+    # A fractional last epoch counts as one: it is validated and checkpointed like the others.
+    return frame[frame["epoch"] <= math.ceil(train.epochs)]
 
 
 def compute_record(train: TrainParams, arrays: dict[str, np.ndarray], num_classes: int) -> dict:
