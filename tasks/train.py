@@ -95,9 +95,8 @@ def training_steps(epochs: float, steps_per_epoch: int) -> int:
 def images_trained(epochs: float, train_images: int, batch_size: int) -> int:
     """Images the training passes see: every whole pass, then the full batches of a fractional last one."""
     steps_per_epoch = math.ceil(train_images / batch_size)
-    whole = math.floor(epochs)
-    partial_steps = training_steps(epochs, steps_per_epoch) - whole * steps_per_epoch
-    return whole * train_images + min(partial_steps * batch_size, train_images)
+    runs = epoch_runs(training_steps(epochs, steps_per_epoch), steps_per_epoch, start_epoch=0)
+    return sum((last - first) * train_images if steps is None else steps * batch_size for first, last, steps in runs)
 
 
 def compile_model(model, train: TrainParams, *, steps_per_epoch: int) -> None:
