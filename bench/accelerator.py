@@ -1,7 +1,7 @@
 """A recipe on the machine's accelerator: time to each validation accuracy, test accuracy, compute per second.
 
-Usage: python -m bench.accelerator [--recipe long|speed] [--epochs N] [--target 0.94] [--max-per-class N]
-                                    [--source ZIP] [--workdir DIR] [--report FILE]
+Usage: python -m bench.accelerator [--recipe long|speed] [--epochs N] [--set KEY=VALUE ...] [--target 0.94]
+                                    [--max-per-class N] [--source ZIP] [--workdir DIR] [--report FILE]
 
 Runs the pipeline's own stage cores in one process (ingest, preprocess, split, train, select
 best, test), without DVC or Prefect, so it also runs where only Keras and one backend are
@@ -23,11 +23,12 @@ from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from bench.predict import cpu_line
 from bench.timeline import seconds_to_reach, with_epoch_seconds
 from tasks.numerics import apply_numerics, run_precision
-from tasks.params import LONG_TRAIN, NumericsParams, TrainParams, load_params
+from tasks.params import LONG_TRAIN, NumericsParams, Params, ParamsError, TrainParams, load_params, parse_params
 
 NATIVE = NumericsParams(mode="native", precision="auto")
 
@@ -39,6 +40,20 @@ def accelerator_line() -> str:
     backend = keras.backend.backend()
     devices = ", ".join(keras.distribution.list_devices())
     return f"keras {keras.__version__}, {backend} {version(backend)}: {devices}"
+
+
+def recipe_train(params: Params, recipe: str, overrides: list[str]) -> TrainParams:
+    """The recipe's train section with `KEY=VALUE` overrides (VALUE in YAML), checked as params.yaml is."""
+    train = {**params.train.model_dump(), **(LONG_TRAIN if recipe == "long" else {})}
+    for item in overrides:
+        key, separator, value = item.partition("=")
+        if not separator or not key:
+            raise ParamsError(f"--set {item!r}: expected KEY=VALUE with a train key, for example epochs=2.5")
+        try:
+            train[key] = yaml.safe_load(value)
+        except yaml.YAMLError as error:
+            raise ParamsError(f"--set {item!r}: the value is not valid YAML: {error}") from None
+    return parse_params({**params.model_dump(), "train": train}, source="bench.accelerator --set").train
 
 
 def load_dataset(source: Path, *, image_size: int, max_per_class: int | None, validation_fraction: float, seed: int):
@@ -58,7 +73,14 @@ def main() -> None:
     """Train one recipe here, print its timeline and figures, and write them as JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", choices=["long", "speed"], default="long")
-    parser.add_argument("--epochs", type=int, help="override the recipe's epochs (the schedule stretches with it)")
+    parser.add_argument("--epochs", type=float, help="override the recipe's epochs (the schedule stretches with it)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one train key of the recipe, VALUE in YAML (repeatable): --set 'widths=[48, 192, 192]'",
+    )
     parser.add_argument("--target", type=float, default=0.94, help="validation accuracy to time (airbench94's)")
     parser.add_argument("--max-per-class", type=int, help="a slice of the data, for a quick check")
     parser.add_argument("--source", type=Path, help="the image-folder zip (default: params.yaml's ingest.source)")
@@ -73,8 +95,11 @@ def main() -> None:
     from tasks.train import checkpoint_name, compute_record, fit
 
     params = load_params()
-    recipe = {**params.train.model_dump(), **(LONG_TRAIN if arguments.recipe == "long" else {})}
-    train = TrainParams(**{**recipe, **({"epochs": arguments.epochs} if arguments.epochs else {})})
+    epochs = [f"epochs={arguments.epochs}"] if arguments.epochs else []
+    try:
+        train = recipe_train(params, arguments.recipe, [*epochs, *arguments.set])
+    except ParamsError as error:
+        parser.error(str(error))  # exits 2 with the usage line, as for any bad argument
     started = time.perf_counter()
     arrays, test, class_names = load_dataset(
         arguments.source or params.ingest.source,
@@ -119,6 +144,7 @@ def main() -> None:
         "host": cpu_line(),
         "python": platform.python_version(),
         "recipe": arguments.recipe,
+        "overrides": arguments.set,
         "epochs": train.epochs,
         "widths": train.widths,
         "precision": precision,
