@@ -14,6 +14,7 @@ includes compiling the step.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import sys
@@ -43,14 +44,22 @@ def accelerator_line() -> str:
 
 
 def recipe_train(params: Params, recipe: str, overrides: list[str]) -> TrainParams:
-    """The recipe's train section with `KEY=VALUE` overrides (VALUE in YAML), checked as params.yaml is."""
-    train = {**params.train.model_dump(), **(LONG_TRAIN if recipe == "long" else {})}
+    """The recipe's train section with `KEY=VALUE` overrides (VALUE in YAML, KEY dotted for nested keys), checked."""
+    # A deep copy: the overrides may reach into LONG_TRAIN's own nested mappings.
+    train = copy.deepcopy({**params.train.model_dump(), **(LONG_TRAIN if recipe == "long" else {})})
     for item in overrides:
         key, separator, value = item.partition("=")
         if not separator or not key:
             raise ParamsError(f"--set {item!r}: expected KEY=VALUE with a train key, for example epochs=2.5")
+        *parents, leaf = key.split(".")
+        section = train
+        for depth, part in enumerate(parents, start=1):
+            if not isinstance(section.get(part), dict):
+                path = ".".join(parents[:depth])
+                raise ParamsError(f"--set {item!r}: train.{path} is not a mapping in this recipe; set it whole")
+            section = section[part]
         try:
-            train[key] = yaml.safe_load(value)
+            section[leaf] = yaml.safe_load(value)
         except yaml.YAMLError as error:
             raise ParamsError(f"--set {item!r}: the value is not valid YAML: {error}") from None
     return parse_params({**params.model_dump(), "train": train}, source="bench.accelerator --set").train
