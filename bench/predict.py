@@ -45,7 +45,7 @@ def main() -> None:
     arguments = parser.parse_args()
     params = load_params(ROOT / "params.yaml")
     test = read_arrays(params.paths.prepared / "dataset.npz", ("x_test", "y_test"))
-    class_names = read_json(params.paths.prepared / "report.json")["class_names"]
+    class_names = read_json(params.paths.prepared / "report.json", required=("class_names",))["class_names"]
     folder = arguments.workdir / "images"
     for index, (image, label) in enumerate(zip(test["x_test"], test["y_test"], strict=True)):
         path = folder / class_names[label] / f"{index:05d}.png"

@@ -18,6 +18,8 @@ from tasks.params import NumericsParams, Params
 
 log = logging.getLogger(__name__)
 
+# What evaluate reads of select_best's best.json: the epoch, the hash the model must match, its validation scores.
+BEST_KEYS = ("epoch", "sha256", "val_accuracy", "val_crossentropy", "val_loss")
 SAMPLE_GRID = (3, 12)  # rows x columns of test images, as the tutorial shows 36
 # The CPU features that decide which oneDNN kernels run, and so the float results.
 RECORDED_CPU_FLAGS = (
@@ -215,9 +217,9 @@ def run(params: Params) -> list[Path]:
 
     paths = params.paths
     test = read_arrays(paths.prepared / "dataset.npz", ("x_test", "y_test"))
-    class_names = read_json(paths.prepared / "report.json")["class_names"]
-    best = read_json(paths.model / "best.json")
-    model = load_model(paths.model / "model.keras", sha256=best.get("sha256"))
+    class_names = read_json(paths.prepared / "report.json", required=("class_names",))["class_names"]
+    best = read_json(paths.model / "best.json", required=BEST_KEYS)
+    model = load_model(paths.model / "model.keras", sha256=best["sha256"])
     log.info("scoring %s (epoch %d) on %d test images", paths.model / "model.keras", best["epoch"], test["y_test"].size)
     probabilities = np.asarray(model.predict(test["x_test"], batch_size=500, verbose=0))
     if not np.all(np.isfinite(probabilities)):

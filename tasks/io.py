@@ -96,8 +96,8 @@ def write_json(path: str | Path, payload: object) -> Path:
     return Path(path)
 
 
-def read_json(path: str | Path) -> dict:
-    """Read a JSON object, with an error naming the file when it is missing or corrupt."""
+def read_json(path: str | Path, required: tuple[str, ...] = ()) -> dict:
+    """Read a JSON object, with an error naming the file when it is missing, corrupt or lacks a `required` key."""
     try:
         payload = json.loads(Path(path).read_text())
     except FileNotFoundError:
@@ -106,6 +106,9 @@ def read_json(path: str | Path) -> dict:
         raise DataError(f"{path}: not valid JSON: {error}") from None
     if not isinstance(payload, dict):
         raise DataError(f"{path}: expected a JSON object, found {type(payload).__name__}")
+    missing = [key for key in required if key not in payload]
+    if missing:
+        raise DataError(f"{path}: missing keys {missing}; found {sorted(payload)}")
     return payload
 
 

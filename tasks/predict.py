@@ -114,8 +114,9 @@ def resolve_model(choice: str, params: Params, root: Path) -> Iterator[Predictor
     size = params.ingest.image_size
     report = params.paths.prepared / "report.json"
     if choice == "workspace":
-        best = read_json(params.paths.model / "best.json")
-        yield Predictor(params.paths.model / "model.keras", best["sha256"], read_json(report)["class_names"], size)
+        best = read_json(params.paths.model / "best.json", required=("sha256",))
+        class_names = read_json(report, required=("class_names",))["class_names"]
+        yield Predictor(params.paths.model / "model.keras", best["sha256"], class_names, size)
         return
     revision = choice
     if choice == "prod":
@@ -125,9 +126,10 @@ def resolve_model(choice: str, params: Params, root: Path) -> Iterator[Predictor
         revision = champion["commit_hexsha"]
     with tempfile.TemporaryDirectory() as scratch:
         folder = fetch_at_revision(root, params.paths.model, revision, Path(scratch) / "model")
-        class_names = read_json(fetch_at_revision(root, report, revision, Path(scratch) / "report.json"))
-        best = read_json(folder / "best.json")
-        yield Predictor(folder / "model.keras", best["sha256"], class_names["class_names"], size)
+        fetched_report = fetch_at_revision(root, report, revision, Path(scratch) / "report.json")
+        class_names = read_json(fetched_report, required=("class_names",))["class_names"]
+        best = read_json(folder / "best.json", required=("sha256",))
+        yield Predictor(folder / "model.keras", best["sha256"], class_names, size)
 
 
 def predict_sources(

@@ -257,10 +257,10 @@ def run(params: Params, root: Path | None = None) -> list[Path]:
     if problems:
         raise PromotionError("cannot promote from this workspace:\n  " + "\n  ".join(problems))
     challenger_path = params.paths.model / "model.keras"
-    challenger_sha256 = read_json(params.paths.model / "best.json")["sha256"]
+    challenger_sha256 = read_json(params.paths.model / "best.json", required=("sha256",))["sha256"]
     verify_sha256(challenger_path, challenger_sha256)  # the model select_best chose, unchanged since
     test = read_arrays(params.paths.prepared / "dataset.npz", ("x_test", "y_test"))
-    class_names = read_json(params.paths.prepared / "report.json")["class_names"]
+    class_names = read_json(params.paths.prepared / "report.json", required=("class_names",))["class_names"]
     evaluated = read_table(params.paths.metrics / "predictions.csv")
     if not np.array_equal(evaluated["actual"].to_numpy(), np.asarray(class_names)[test["y_test"]]):
         raise PromotionError(f"{params.paths.metrics / 'predictions.csv'}: not the predictions of this test set")
@@ -271,7 +271,7 @@ def run(params: Params, root: Path | None = None) -> list[Path]:
     if champion is not None:
         with tempfile.TemporaryDirectory() as scratch:
             folder = fetch_at_revision(root, params.paths.model, champion["commit_hexsha"], Path(scratch) / "model")
-            champion_sha256 = read_json(folder / "best.json")["sha256"]
+            champion_sha256 = read_json(folder / "best.json", required=("sha256",))["sha256"]
             log.info("champion %s: predicting %d test images", champion["version"], test["y_test"].size)
             champion_labels = predicted_labels(folder / "model.keras", champion_sha256, test["x_test"])
         champion = {"version": champion["version"], "commit": champion["commit_hexsha"], "sha256": champion_sha256}

@@ -361,7 +361,7 @@ def run(params: Params) -> list[Path]:
     """Train on data/split and write checkpoints plus the per-epoch history."""
     source = params.paths.split / "train_val.npz"
     arrays = read_arrays(source, ("x_train", "y_train", "x_val", "y_val"))
-    report = read_json(params.paths.prepared / "report.json")
+    report = read_json(params.paths.prepared / "report.json", required=("num_classes",))
     num_classes = int(report["num_classes"])
     if arrays["y_train"].size == 0 or arrays["y_val"].size == 0:
         raise DataError(f"{source}: train and validation sets must both hold images")

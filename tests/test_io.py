@@ -52,6 +52,13 @@ def test_corrupt_inputs_are_named(tmp_path):
         read_json(tmp_path / "absent.json")
 
 
+def test_json_missing_a_required_key_names_the_file_the_keys_and_what_it_holds(tmp_path):
+    write_json(tmp_path / "best.json", {"epoch": 3, "val_loss": 1.2})
+    assert read_json(tmp_path / "best.json", required=("epoch",)) == {"epoch": 3, "val_loss": 1.2}
+    with pytest.raises(DataError, match=r"best\.json: missing keys \['sha256'\]; found \['epoch', 'val_loss'\]"):
+        read_json(tmp_path / "best.json", required=("epoch", "sha256"))
+
+
 def test_checksum_mismatch_names_both_hashes(tmp_path):
     path = tmp_path / "blob"
     path.write_bytes(b"abc")

@@ -102,6 +102,21 @@ def test_evaluate_refuses_a_tampered_model(pipeline_run, tmp_path):
         model.write_bytes(original)
 
 
+def test_evaluate_refuses_a_best_json_without_the_model_hash(pipeline_run):
+    params, _ = pipeline_run
+    best = params.paths.model / "best.json"
+    metrics = params.paths.metrics / "metrics.json"
+    original, scored = best.read_text(), metrics.read_bytes()
+    try:
+        # Without the hash the model could not be checked: evaluate must stop, not score it unverified.
+        best.write_text(json.dumps({key: value for key, value in json.loads(original).items() if key != "sha256"}))
+        with pytest.raises(DataError, match=r"best\.json: missing keys \['sha256'\]"):
+            evaluate.run(params)
+        assert metrics.read_bytes() == scored
+    finally:
+        best.write_text(original)
+
+
 def test_evaluate_tables_agree_with_the_predictions(pipeline_run):
     params, _ = pipeline_run
     predictions = pd.read_csv(params.paths.metrics / "predictions.csv")
