@@ -171,7 +171,8 @@ def test_a_stage_run_prints_no_native_noise_but_still_prints_its_errors(project)
     (project / "artifacts/model/best.json").unlink()
     (project / "artifacts/model/best.json").write_text("{}")
     failed = run_command([sys.executable, "-m", "tasks.evaluate"], project, check=False)
-    assert failed.returncode == 1 and "KeyError" in failed.stderr
+    assert failed.returncode == 2, failed.stderr
+    assert "artifacts/model/best.json: missing keys ['epoch', 'sha256'" in failed.stderr, failed.stderr
 
 
 def test_a_corrupted_tracked_source_names_the_one_command_that_restores_it(project):
