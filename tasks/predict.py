@@ -1,13 +1,14 @@
 """Predict: run a model on new images; a CSV of path, predicted class and the probability of every class.
 
-    python -m tasks.predict PATH... [--model workspace|prod|REV] [--out predictions.csv] [--resize]
+    python -m tasks.predict PATH... [--model workspace|prod|REV] [--out predictions.csv] [--resize] [--chunk N]
 
 PATH: image files (PNG, JPEG), folders of them (searched recursively) or zips of them. The model
 is the workspace's evaluated one (default), the registry's `prod` version, or the one of any git
 revision (fetched through DVC, never a stale local copy); its sha256 is checked before it is
 loaded in safe mode. Images that are not RGB of the training size are refused unless --resize;
 unreadable files are listed with their reason and the rest are still predicted. Exit status 2
-when any file was skipped.
+when any file was skipped. Images are decoded and predicted --chunk at a time, so memory does not
+grow with their number.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ from tasks.params import DEFAULT_PARAMS_PATH, Params, ParamsError, load_params
 log = logging.getLogger(__name__)
 
 BATCH_SIZE = 500
+# Images decoded and predicted at a time: memory stays bounded (12 MB of 32x32 pixels) however many
+# are given. A multiple of BATCH_SIZE, so the model sees the batches evaluate does.
+CHUNK_IMAGES = 8 * BATCH_SIZE
 
 
 @dataclass(frozen=True)
@@ -98,11 +102,10 @@ def prediction_table(names: list[str], probabilities: np.ndarray, class_names: l
     return table
 
 
-def predict_images(predictor: Predictor, images: np.ndarray) -> np.ndarray:
-    """Class probabilities for uint8 images, in batches, from the model file checked against its sha256."""
-    model = load_model(predictor.model_path, sha256=predictor.sha256)
+def predict_images(model, images: np.ndarray, num_classes: int) -> np.ndarray:
+    """Class probabilities for uint8 images, BATCH_SIZE at a time."""
     if images.shape[0] == 0:
-        return np.zeros((0, len(predictor.class_names)))
+        return np.zeros((0, num_classes))
     return np.asarray(model.predict(images, batch_size=BATCH_SIZE, verbose=0))
 
 
@@ -133,23 +136,43 @@ def resolve_model(choice: str, params: Params, root: Path) -> Iterator[Predictor
 
 
 def predict_sources(
-    sources: list[ImageSource], predictor: Predictor, *, resize: bool
+    sources: list[ImageSource], predictor: Predictor, *, resize: bool, chunk: int = CHUNK_IMAGES
 ) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
-    """Decode and predict every image of `sources`; (the prediction table, the skipped files with reasons)."""
-    started = time.perf_counter()
-    names, images, skipped = decode_sources(sources, predictor.image_size, resize=resize)
-    decoded = time.perf_counter()
-    probabilities = predict_images(predictor, images)
-    finished = time.perf_counter()
+    """Decode and predict `sources`, `chunk` at a time; (the prediction table, the skipped files with reasons)."""
+    model = load_model(predictor.model_path, sha256=predictor.sha256)
+    num_classes = len(predictor.class_names)
+    tables, skipped = [], []
+    decoding = predicting = 0.0
+    for start in range(0, len(sources), chunk):
+        started = time.perf_counter()
+        names, images, refused = decode_sources(sources[start : start + chunk], predictor.image_size, resize=resize)
+        decoded = time.perf_counter()
+        tables.append(prediction_table(names, predict_images(model, images, num_classes), predictor.class_names))
+        skipped += refused
+        decoding, predicting = decoding + decoded - started, predicting + time.perf_counter() - decoded
+        if len(sources) > chunk:
+            log.info("%d of %d files done", min(start + chunk, len(sources)), len(sources))
+    predicted = sum(len(table) for table in tables)
     log.info(
         "predicted %d images (%d skipped): decoding %.1f s, model %.1f s (%.0f images/s)",
-        len(names),
+        predicted,
         len(skipped),
-        decoded - started,
-        finished - decoded,
-        len(names) / max(finished - decoded, 1e-9),
+        decoding,
+        predicting,
+        predicted / max(predicting, 1e-9),
     )
-    return prediction_table(names, probabilities, predictor.class_names), skipped
+    tables = [table for table in tables if len(table)] or [
+        prediction_table([], np.zeros((0, num_classes)), predictor.class_names)
+    ]
+    return pd.concat(tables, ignore_index=True), skipped
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text}")
+    return value
 
 
 def main() -> None:
@@ -160,6 +183,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("predictions.csv"), help="CSV to write")
     parser.add_argument("--resize", action="store_true", help="convert other sizes and modes instead of refusing")
     parser.add_argument("--params", type=Path, default=DEFAULT_PARAMS_PATH, help="params file (default: params.yaml)")
+    parser.add_argument(
+        "--chunk", type=positive_int, default=CHUNK_IMAGES, help=f"images in memory at once (default {CHUNK_IMAGES})"
+    )
     arguments = parser.parse_args()
     filter_native_stderr()
     configure_logging()
@@ -169,7 +195,7 @@ def main() -> None:
         with resolve_model(arguments.model, params, Path.cwd()) as predictor:
             log.info("model %s: %s (sha256 %s)", arguments.model, predictor.model_path.name, predictor.sha256[:12])
             sources = list(image_sources(arguments.paths))
-            table, skipped = predict_sources(sources, predictor, resize=arguments.resize)
+            table, skipped = predict_sources(sources, predictor, resize=arguments.resize, chunk=arguments.chunk)
     except (ParamsError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)

@@ -49,6 +49,25 @@ def test_wrong_size_and_corrupt_files_are_named_and_the_rest_predicted(project):
     assert sorted(pd.read_csv(project / "out.csv")["path"]) == [f"incoming/{n}.png" for n in ("big", "good", "grey")]
 
 
+def test_chunks_keep_memory_bounded_and_give_the_same_table(project):
+    incoming = project / "incoming"
+    shutil.copytree(project / "source/test", incoming)
+    (incoming / "circle/broken.png").write_bytes(b"not an image")
+    whole = run_command([*PREDICT, "incoming", "--out", "whole.csv"], project, check=False)
+    chunked = run_command([*PREDICT, "incoming", "--out", "chunked.csv", "--chunk", "3"], project, check=False)
+    assert whole.returncode == chunked.returncode == 2  # the broken file is skipped in both
+    assert "skipped incoming/circle/broken.png" in chunked.stderr
+    files = len(list(incoming.rglob("*.png")))
+    assert f"3 of {files} files done" in chunked.stderr and f"{files} of {files} files done" in chunked.stderr
+    expected, table = pd.read_csv(project / "whole.csv"), pd.read_csv(project / "chunked.csv")
+    assert len(table) == files - 1
+    assert table[["path", "predicted"]].equals(expected[["path", "predicted"]])
+    # Batches of 3 instead of all at once: the kernels may add in another order, so the last digit may move.
+    np.testing.assert_allclose(table.filter(like="p_"), expected.filter(like="p_"), atol=1e-5)
+    refused = run_command([*PREDICT, "incoming", "--chunk", "0"], project, check=False)
+    assert refused.returncode == 2 and "--chunk: expected a whole number of at least 1, got 0" in refused.stderr
+
+
 def test_a_zip_and_a_model_of_another_revision_fetched_through_dvc(project):
     with zipfile.ZipFile(project / "batch.zip", "w") as archive:
         for path in sorted((project / "source/test/square").glob("*.png")):
