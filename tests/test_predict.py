@@ -68,6 +68,26 @@ def test_chunks_keep_memory_bounded_and_give_the_same_table(project):
     assert refused.returncode == 2 and "--chunk: expected a whole number of at least 1, got 0" in refused.stderr
 
 
+def test_zip_members_are_read_from_the_archive_as_it_is_now(tmp_path):
+    from tasks.predict import image_sources
+
+    archive = tmp_path / "batch.zip"
+
+    def write(contents: dict[str, bytes]) -> None:
+        with zipfile.ZipFile(archive, "w") as opened:
+            for name, data in contents.items():
+                opened.writestr(name, data)
+
+    write({"a.png": b"first", "b.png": b"second"})
+    assert [source.read() for source in image_sources([archive])] == [b"first", b"second"]
+    # Rewritten in place (a served batch flow sees the same path again): the open archive is not reused.
+    write({"a.png": b"replaced, and longer", "c.png": b"new"})
+    assert {Path(source.name).name: source.read() for source in image_sources([archive])} == {
+        "batch.zip!a.png": b"replaced, and longer",
+        "batch.zip!c.png": b"new",
+    }
+
+
 def test_a_zip_and_a_model_of_another_revision_fetched_through_dvc(project):
     with zipfile.ZipFile(project / "batch.zip", "w") as archive:
         for path in sorted((project / "source/test/square").glob("*.png")):
