@@ -28,9 +28,9 @@ from bench.gemm import gemm_peaks
 from bench.predict import cpu_line
 from bench.timeline import seconds_to_reach, with_epoch_seconds
 from flows import stage_command_environment
-from tasks.flops import PFLOP, TRAINING_PASSES
 from tasks.io import read_json, read_table
 from tasks.params import LONG_TRAIN, TUTORIAL_TRAIN
+from tasks.train import images_trained
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -105,8 +105,8 @@ def measure(name: str, workdir: Path, repeat: int) -> dict:
     compute = read_json(project / params["paths"]["training"] / "compute.json")
     history = epoch_times(project, params)
     training_s = float(history["seconds"].iloc[-1])
-    # Counted as run (a fractional last epoch too), to compute.json's 4 significant digits.
-    trained_images = compute["training_pflop"] * PFLOP / (TRAINING_PASSES * compute["forward_mflop_per_image"] * 1e6)
+    # As the train stage counts them for compute.json: a fractional last epoch's batches too.
+    trained_images = images_trained(compute["epochs"], compute["train_images"], params["train"]["batch_size"])
     print(
         f"[bench] {name} run {repeat + 1}: test accuracy {metrics['test']['accuracy']}, repro {wall:.0f} s, "
         f"peak {peak_gib:.2f} GiB, {compute['training_pflop']} PFLOP, {environment['precision']}, "
