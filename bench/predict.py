@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from tasks.io import read_arrays, read_json
+from tasks.io import read_arrays, read_class_names
 from tasks.params import load_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,7 +45,7 @@ def main() -> None:
     arguments = parser.parse_args()
     params = load_params(ROOT / "params.yaml")
     test = read_arrays(params.paths.prepared / "dataset.npz", ("x_test", "y_test"))
-    class_names = read_json(params.paths.prepared / "report.json", required=("class_names",))["class_names"]
+    class_names = read_class_names(params.paths.prepared / "report.json")
     folder = arguments.workdir / "images"
     for index, (image, label) in enumerate(zip(test["x_test"], test["y_test"], strict=True)):
         path = folder / class_names[label] / f"{index:05d}.png"

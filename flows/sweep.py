@@ -43,7 +43,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows import stage_command_environment
-from tasks.cli import EXIT_BAD_INPUT
+from tasks.cli import EXIT_BAD_INPUT, run_tool
 from tasks.io import DataError, atomic_path
 from tasks.params import DEFAULT_PARAMS_PATH, ParamsError, load_params, parse_params
 
@@ -189,12 +189,8 @@ def rank(finished: dict[str, dict], monitor: str) -> list[str]:
 
 
 def command(arguments: list[str], cwd: Path, *, what: str) -> str:
-    """Run a command; its stdout, or SweepError naming `what` failed with the command's last line."""
-    result = subprocess.run(arguments, cwd=cwd, capture_output=True, text=True, env=tool_environment())
-    if result.returncode != 0:
-        lines = (result.stderr.strip() or result.stdout.strip()).splitlines()
-        raise SweepError(f"{what} failed ({' '.join(arguments[:4])}): {lines[-1] if lines else result.returncode}")
-    return result.stdout
+    """Run a command with the sweep's tools and identity; its stdout, or SweepError naming `what` failed."""
+    return run_tool(arguments, cwd, what=what, error=SweepError, environment=tool_environment())
 
 
 def tool_environment() -> dict[str, str]:

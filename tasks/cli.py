@@ -7,6 +7,7 @@ import atexit
 import logging
 import os
 import re
+import subprocess
 import sys
 import threading
 from collections.abc import Callable, Mapping
@@ -32,6 +33,17 @@ HARMLESS_NATIVE_LOG = re.compile(
     r"|^E\d{4} [\d:.]+ +\d+ cuda_\w+\.cc:\d+\] failed call to cuInit: "
     r"|^E\d{4} .*NodeDef mentions attribute use_unbounded_threadpool"
 )
+
+
+def run_tool(
+    arguments: list[str], cwd: Path, *, what: str, error: type[Exception], environment: Mapping[str, str] | None = None
+) -> str:
+    """Run a git/dvc/gto command in `cwd`; its stdout, or `error` naming `what` failed with the command's last line."""
+    result = subprocess.run(arguments, cwd=cwd, capture_output=True, text=True, env=environment)
+    if result.returncode != 0:
+        lines = (result.stderr.strip() or result.stdout.strip()).splitlines()
+        raise error(f"{what} failed ({' '.join(arguments[:4])}): {lines[-1] if lines else result.returncode}")
+    return result.stdout
 
 
 def filter_native_stderr() -> None:

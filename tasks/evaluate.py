@@ -13,7 +13,17 @@ import numpy as np
 import pandas as pd
 
 from tasks.cli import run_stage
-from tasks.io import DataError, atomic_path, load_model, read_arrays, read_json, read_table, write_json, write_table
+from tasks.io import (
+    DataError,
+    atomic_path,
+    load_model,
+    read_arrays,
+    read_class_names,
+    read_json,
+    read_table,
+    write_json,
+    write_table,
+)
 from tasks.params import NumericsParams, Params
 
 log = logging.getLogger(__name__)
@@ -217,7 +227,7 @@ def run(params: Params) -> list[Path]:
 
     paths = params.paths
     test = read_arrays(paths.prepared / "dataset.npz", ("x_test", "y_test"))
-    class_names = read_json(paths.prepared / "report.json", required=("class_names",))["class_names"]
+    class_names = read_class_names(paths.prepared / "report.json")
     best = read_json(paths.model / "best.json", required=BEST_KEYS)
     model = load_model(paths.model / "model.keras", sha256=best["sha256"])
     log.info("scoring %s (epoch %d) on %d test images", paths.model / "model.keras", best["epoch"], test["y_test"].size)

@@ -112,6 +112,11 @@ def read_json(path: str | Path, required: tuple[str, ...] = ()) -> dict:
     return payload
 
 
+def read_class_names(report: str | Path) -> list[str]:
+    """The class names in label order, from preprocess's report.json."""
+    return read_json(report, required=("class_names",))["class_names"]
+
+
 def write_table(path: str | Path, table: pd.DataFrame) -> Path:
     """Write a DataFrame as CSV atomically, without the index."""
     with atomic_path(path) as temporary:

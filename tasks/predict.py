@@ -30,7 +30,7 @@ import pandas as pd
 
 from tasks.cli import EXIT_BAD_INPUT, configure_logging, filter_native_stderr
 from tasks.ingest import IMAGE_SUFFIXES, decode_image
-from tasks.io import DataError, atomic_path, load_model, read_json
+from tasks.io import DataError, atomic_path, load_model, read_class_names, read_json
 from tasks.numerics import apply_numerics
 from tasks.params import DEFAULT_PARAMS_PATH, Params, ParamsError, load_params
 
@@ -126,7 +126,7 @@ def resolve_model(choice: str, params: Params, root: Path) -> Iterator[Predictor
     report = params.paths.prepared / "report.json"
     if choice == "workspace":
         best = read_json(params.paths.model / "best.json", required=("sha256",))
-        class_names = read_json(report, required=("class_names",))["class_names"]
+        class_names = read_class_names(report)
         yield Predictor(params.paths.model / "model.keras", best["sha256"], class_names, size)
         return
     revision = choice
@@ -138,7 +138,7 @@ def resolve_model(choice: str, params: Params, root: Path) -> Iterator[Predictor
     with tempfile.TemporaryDirectory() as scratch:
         folder = fetch_at_revision(root, params.paths.model, revision, Path(scratch) / "model")
         fetched_report = fetch_at_revision(root, report, revision, Path(scratch) / "report.json")
-        class_names = read_json(fetched_report, required=("class_names",))["class_names"]
+        class_names = read_class_names(fetched_report)
         best = read_json(folder / "best.json", required=("sha256",))
         yield Predictor(folder / "model.keras", best["sha256"], class_names, size)
 

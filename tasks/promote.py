@@ -24,8 +24,18 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.cli import run_stage
-from tasks.io import DataError, atomic_path, load_model, read_arrays, read_json, read_table, verify_sha256, write_json
+from tasks.cli import run_stage, run_tool
+from tasks.io import (
+    DataError,
+    atomic_path,
+    load_model,
+    read_arrays,
+    read_class_names,
+    read_json,
+    read_table,
+    verify_sha256,
+    write_json,
+)
 from tasks.params import Params, PromoteParams
 
 log = logging.getLogger(__name__)
@@ -103,13 +113,7 @@ def decide(comparison: Comparison | None, promote: PromoteParams) -> tuple[bool,
 
 def command(arguments: list[str], root: Path, *, what: str, environment: dict | None = None) -> str:
     """Run a git/gto/dvc command in `root`; its stdout, or PromotionError naming `what` failed and why."""
-    result = subprocess.run(
-        arguments, cwd=root, capture_output=True, text=True, env={**os.environ, **(environment or {})}
-    )
-    if result.returncode != 0:
-        reason = (result.stderr.strip() or result.stdout.strip()).splitlines()
-        raise PromotionError(f"{what} failed: {' '.join(arguments[:3])}: {reason[-1] if reason else result.returncode}")
-    return result.stdout
+    return run_tool(arguments, root, what=what, error=PromotionError, environment={**os.environ, **(environment or {})})
 
 
 def tool(name: str) -> str:
@@ -260,7 +264,7 @@ def run(params: Params, root: Path | None = None) -> list[Path]:
     challenger_sha256 = read_json(params.paths.model / "best.json", required=("sha256",))["sha256"]
     verify_sha256(challenger_path, challenger_sha256)  # the model select_best chose, unchanged since
     test = read_arrays(params.paths.prepared / "dataset.npz", ("x_test", "y_test"))
-    class_names = read_json(params.paths.prepared / "report.json", required=("class_names",))["class_names"]
+    class_names = read_class_names(params.paths.prepared / "report.json")
     evaluated = read_table(params.paths.metrics / "predictions.csv")
     if not np.array_equal(evaluated["actual"].to_numpy(), np.asarray(class_names)[test["y_test"]]):
         raise PromotionError(f"{params.paths.metrics / 'predictions.csv'}: not the predictions of this test set")
