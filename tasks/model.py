@@ -40,6 +40,32 @@ def build_tutorial_cnn(input_shape: tuple[int, int, int], num_classes: int) -> k
 # every x86 CPU. tests/test_numerics.py checks that no training or inference graph uses them.
 
 
+def _batch_normalized(x, mean, std, axes):
+    """(x - mean) / std for x's own batch statistics, with batch norm's gradient in closed form.
+
+    Autodiff through the statistics builds many more elementwise passes than the closed form
+    dx = (dy - mean(dy) - y * mean(dy * y)) / std, and without a fusing compiler each pass is a
+    trip through memory: with this and GELU's closed form a training step takes about 7 % less
+    time in bfloat16, 3.5 % in float32 (docs/speed.md). Divisions, not a reciprocal: in a graph,
+    TensorFlow rewrites 1 / y into its approximate Reciprocal.
+    """
+
+    @ops.custom_gradient
+    def normalize(x, mean, std):
+        normalized = (x - mean) / std
+
+        def grad(*args, upstream=None):
+            upstream = args[0] if upstream is None else upstream
+            centred = upstream - ops.mean(upstream, axis=axes, keepdims=True)
+            dx = (centred - normalized * ops.mean(upstream * normalized, axis=axes, keepdims=True)) / std
+            # The statistics reach the loss only through x (the caller stops their gradient).
+            return dx, ops.zeros_like(mean), ops.zeros_like(std)
+
+        return normalized, grad
+
+    return normalize(x, mean, std)
+
+
 @keras.saving.register_keras_serializable(package="tasks")
 class ExactBatchNormalization(layers.BatchNormalization):
     """BatchNormalization that divides by sqrt(variance + epsilon) instead of multiplying by rsqrt."""
@@ -48,15 +74,17 @@ class ExactBatchNormalization(layers.BatchNormalization):
         if mask is not None or self.renorm:
             raise ValueError(f"{self.name}: masks and renorm are not supported")
         inputs = ops.cast(inputs, "float32")
-        if training and self.trainable:
-            mean, variance = self._moments(inputs, None)
-            self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1.0 - self.momentum))
-            self.moving_variance.assign(self.moving_variance * self.momentum + variance * (1.0 - self.momentum))
-        else:
-            mean, variance = self.moving_mean, self.moving_variance
         shape = [1] * len(inputs.shape)
         shape[self.axis] = inputs.shape[self.axis]
-        outputs = (inputs - ops.reshape(mean, shape)) / ops.sqrt(ops.reshape(variance, shape) + self.epsilon)
+        if training and self.trainable:
+            mean, variance = self._moments(ops.stop_gradient(inputs), None)
+            self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1.0 - self.momentum))
+            self.moving_variance.assign(self.moving_variance * self.momentum + variance * (1.0 - self.momentum))
+            std = ops.sqrt(ops.reshape(variance, shape) + self.epsilon)
+            outputs = _batch_normalized(inputs, ops.reshape(mean, shape), std, self._reduction_axes)
+        else:
+            mean, variance = self.moving_mean, self.moving_variance
+            outputs = (inputs - ops.reshape(mean, shape)) / ops.sqrt(ops.reshape(variance, shape) + self.epsilon)
         if self.scale:
             outputs = outputs * ops.reshape(self.gamma, shape)
         if self.center:
@@ -64,12 +92,29 @@ class ExactBatchNormalization(layers.BatchNormalization):
         return ops.cast(outputs, self.compute_dtype)
 
 
+# 1 / sqrt(2) and 1 / sqrt(2 pi): GELU(x) = x * Phi(x), Phi'(x) = exp(-x^2 / 2) / sqrt(2 pi).
+_SQRT_HALF = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
+
+
+@ops.custom_gradient
+def _erf_gelu(x):
+    """0.5 * x * (1 + erf(x / sqrt 2)), with its derivative Phi(x) + x * phi(x) in closed form."""
+    one_plus_erf = 1.0 + ops.erf(x * _SQRT_HALF)
+
+    def grad(*args, upstream=None):
+        upstream = args[0] if upstream is None else upstream
+        return upstream * (0.5 * one_plus_erf + x * (_INV_SQRT_2PI * ops.exp(-0.5 * x * x)))
+
+    return 0.5 * x * one_plus_erf, grad
+
+
 @keras.saving.register_keras_serializable(package="tasks")
 class ErfGelu(layers.Layer):
     """GELU, x * Phi(x), written with erf (TensorFlow's own gelu uses erfc)."""
 
     def call(self, inputs):
-        return 0.5 * inputs * (1.0 + ops.erf(inputs * 0.7071067811865476))
+        return _erf_gelu(inputs)
 
 
 @keras.saving.register_keras_serializable(package="tasks")

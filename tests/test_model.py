@@ -134,3 +134,37 @@ def test_random_shift_moves_each_image_its_own_whole_pixels_and_leaves_inference
     assert len(set(offsets)) >= 16  # drawn per image, not once per batch
     assert {rows for rows, _ in offsets} == {columns for _, columns in offsets} == {-2, -1, 0, 1, 2}
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(layer(images, training=False)), images)
+
+
+def test_batch_norm_and_gelu_closed_form_gradients_match_autodiff_of_their_formulas():
+    import tensorflow as tf
+
+    from tasks.model import ErfGelu, ExactBatchNormalization
+
+    rng = np.random.default_rng(0)
+    images = tf.constant(rng.normal(2.0, 3.0, (8, 5, 5, 6)).astype(np.float32))
+    weights = tf.constant(rng.normal(size=(8, 5, 5, 6)).astype(np.float32))
+    norm = ExactBatchNormalization(center=False, scale=False)
+
+    def ours(x):
+        return ErfGelu()(norm(x, training=True))
+
+    def formula(x):
+        mean = tf.reduce_mean(x, axis=(0, 1, 2), keepdims=True)
+        variance = tf.reduce_mean(tf.square(x - mean), axis=(0, 1, 2), keepdims=True)
+        normalized = (x - mean) / tf.sqrt(variance + norm.epsilon)
+        return 0.5 * normalized * (1.0 + tf.math.erf(normalized * 0.7071067811865476))
+
+    results = []
+    for function in (ours, formula):
+        with tf.GradientTape() as tape:
+            tape.watch(images)
+            outputs = function(images)
+            loss = tf.reduce_sum(outputs * weights)
+        results.append((outputs.numpy(), tape.gradient(loss, images).numpy()))
+    (outputs, gradient), (expected_outputs, expected_gradient) = results
+    np.testing.assert_array_equal(outputs, expected_outputs)  # the forward pass is the formula's, bit for bit
+    np.testing.assert_allclose(gradient, expected_gradient, rtol=0, atol=2e-6)
+    assert np.abs(expected_gradient).max() > 0.5  # a gradient worth comparing
+    # The batch's statistics still move the running ones (momentum 0.99: 1 % of the batch's).
+    np.testing.assert_allclose(norm.moving_mean.numpy(), 0.01 * images.numpy().mean(axis=(0, 1, 2)), rtol=1e-5)
