@@ -207,7 +207,9 @@ def load_model(path: str | Path, sha256: str | None = None):
     # Registers the custom layers the saved models use, and the optimizer a checkpoint saves with its state.
     import tasks.model
     import tasks.optimizers  # noqa: F401
+    from tasks.numerics import keep_graph_arithmetic
 
+    keep_graph_arithmetic()  # before the model's first graph
     if not Path(path).is_file():
         raise DataError(f"{path}: model file not found (run the train stage first)")
     if sha256 is not None:

@@ -101,6 +101,22 @@ def numerics_environment(numerics: NumericsParams) -> dict[str, str]:
     return settings
 
 
+def keep_graph_arithmetic() -> None:
+    """Turn off Grappler's arithmetic rewrites in this process (TensorFlow backend); imports the backend.
+
+    When a graph runs, Grappler rewrites x / sqrt(y) into x * Rsqrt(y), and Rsqrt's CPU kernel
+    starts from the approximate vrsqrtps, whose last bits differ between Intel and AMD. In the
+    graphs as run (TF_DUMP_GRAPH_PREFIX), batch norm's inference path had 6 Rsqrt and the
+    tutorial's RMSprop 10; with the rewrites off, none (tests/test_numerics.py).
+    """
+    import keras
+
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.optimizer.set_experimental_options({"arithmetic_optimization": False})
+
+
 def apply_numerics(numerics: NumericsParams) -> None:
     """Set `numerics_environment` in this process; call it before TensorFlow is first imported."""
     # Portable mode overrides whatever the shell set: its point is that nothing local leaks in.

@@ -27,7 +27,7 @@ from tasks.io import (
     write_json,
     write_table,
 )
-from tasks.numerics import run_precision
+from tasks.numerics import keep_graph_arithmetic, run_precision
 from tasks.params import LookaheadParams, Params, TrainParams
 
 log = logging.getLogger(__name__)
@@ -261,6 +261,7 @@ def fit(
     from tasks.model import build_model, initialize_from_data
 
     keras.utils.set_random_seed(seed)
+    keep_graph_arithmetic()
     if keras.backend.backend() == "tensorflow":
         import tensorflow as tf
 
