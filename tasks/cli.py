@@ -38,7 +38,7 @@ HARMLESS_NATIVE_LOG = re.compile(
 def run_tool(
     arguments: list[str], cwd: Path, *, what: str, error: type[Exception], environment: Mapping[str, str] | None = None
 ) -> str:
-    """Run a git/dvc/gto command in `cwd`; its stdout, or `error` naming `what` failed with the command's last line."""
+    """Run a tool (git, dvc, gto, a python -c) in `cwd`; its stdout, or `error` naming `what` with its last line."""
     result = subprocess.run(arguments, cwd=cwd, capture_output=True, text=True, env=environment)
     if result.returncode != 0:
         lines = (result.stderr.strip() or result.stdout.strip()).splitlines()

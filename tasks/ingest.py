@@ -6,7 +6,6 @@ import http.client
 import io
 import logging
 import stat
-import subprocess
 import sys
 import tarfile
 import time
@@ -21,7 +20,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from tasks.cli import run_stage
+from tasks.cli import run_stage, run_tool
 from tasks.io import DataError, atomic_path, sha256_file, verify_sha256, write_arrays, write_json
 from tasks.params import IngestParams, Params
 
@@ -296,12 +295,6 @@ def source_pointer(source: Path) -> Path | None:
     return pointer if pointer.is_file() else None
 
 
-def _run_tool(command: list[str]) -> None:
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise DataError(f"`{' '.join(command)}` failed: {result.stderr.strip() or result.stdout.strip()}")
-
-
 def restore_source(params: IngestParams) -> Path:
     """Put back the last good source: the committed DVC pointer and its cached file, or a fresh download."""
     pointer = source_pointer(params.source)
@@ -309,9 +302,9 @@ def restore_source(params: IngestParams) -> Path:
         # `dvc repro` re-points the .dvc file at a modified source before ingest can refuse it
         # (and autostage may stage that), so the good pointer is the one in git's HEAD.
         log.info("restoring %s from the committed %s", params.source, pointer)
-        _run_tool(["git", "checkout", "HEAD", "--", str(pointer)])
+        run_tool(["git", "checkout", "HEAD", "--", str(pointer)], Path.cwd(), what="git checkout", error=DataError)
         # Every tracked file and output back as dvc.lock and the pointers say: the last good state.
-        _run_tool([sys.executable, "-m", "dvc", "checkout", "--force"])
+        run_tool([sys.executable, "-m", "dvc", "checkout", "--force"], Path.cwd(), what="dvc checkout", error=DataError)
     elif params.url is not None:
         log.info("downloading %s again from %s", params.source, params.url)
         params.source.unlink(missing_ok=True)

@@ -204,10 +204,11 @@ def load_model(path: str | Path, sha256: str | None = None):
     """Load a Keras model in safe mode, refusing it first if its sha256 is not `sha256`."""
     import keras  # deferred: importing TensorFlow takes seconds and most callers need no model
 
-    # Registers the custom layers the saved models use, and the optimizer a checkpoint saves with its state.
-    import tasks.model
+    # tasks.model registers the custom layers the saved models use; tasks.optimizers the optimizer
+    # a checkpoint saves with its state.
     import tasks.optimizers  # noqa: F401
-    from tasks.numerics import keep_graph_arithmetic
+    from tasks.model import computes_in, in_float32
+    from tasks.numerics import bf16_runs_here, keep_graph_arithmetic
 
     keep_graph_arithmetic()  # before the model's first graph
     if not Path(path).is_file():
@@ -221,8 +222,6 @@ def load_model(path: str | Path, sha256: str | None = None):
             raise
         # Safe mode refuses layers that carry code (Lambda): such a file could run anything on load.
         raise DataError(f"{path}: refused: the model holds code that only loads outside safe mode ({error})") from None
-    from tasks.model import computes_in, in_float32
-    from tasks.numerics import bf16_runs_here
 
     # A model trained in bfloat16 (native mode) used where bf16 cannot run (no bf16 instructions,
     # or oneDNN capped below them, as portable mode does): its float32 weights, computed in float32.
