@@ -7,7 +7,9 @@ links the dataset archive, applies the recipe's params and times `dvc repro` end
 Per-epoch times come from the checkpoint files' modification times, relative to the moment
 training wrote its fingerprint (before the first epoch). Compute comes from the run's own
 compute.json (counted from the model, tasks/flops.py); the CPU's GEMM peak from bench.gemm,
-measured in the same invocation, in the numerics mode and precision each run used.
+measured in the same invocation, in the numerics mode and precision each run used. Two
+efficiencies: the train stage's (everything it computed, validation included, over its
+training time) and the training step's by itself (bench.step, timed after all runs).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import yaml
 
 from bench.gemm import gemm_peaks
 from bench.predict import cpu_line
+from bench.step import step_figures
 from bench.timeline import seconds_to_reach, with_epoch_seconds
 from flows import stage_command_environment
 from tasks.io import read_json, read_table
@@ -115,6 +118,7 @@ def measure(name: str, workdir: Path, repeat: int) -> dict:
         flush=True,
     )
     return {
+        "params_path": project / "params.yaml",
         "wall_s": wall,
         "peak_gib": peak_gib,
         "test_accuracy": metrics["test"]["accuracy"],
@@ -149,6 +153,8 @@ def main() -> None:
     runs = {name: [measure(name, arguments.workdir, r) for r in range(arguments.repeats)] for name in arguments.recipes}
     print("[bench] GEMM peaks (matmul 2048x2048) in each numerics mode and precision", file=sys.stderr, flush=True)
     peaks = gemm_peaks()
+    print("[bench] each recipe's training step by itself (bench.step)", file=sys.stderr, flush=True)
+    steps = {name: step_figures(results[0]["params_path"]) for name, results in runs.items()}
 
     rows: dict[str, dict[str, list]] = {}
     for name, results in runs.items():
@@ -162,6 +168,8 @@ def main() -> None:
         figures["achieved GFLOP/s"] = [result["gflop_per_s"] for result in results]
         figures["GEMM peak GFLOP/s (same mode)"] = [peaks[result["numerics"]] for result in results]
         figures["efficiency (achieved / peak)"] = [r["gflop_per_s"] / peaks[r["numerics"]] for r in results]
+        figures["training step GFLOP/s (median step alone)"] = [steps[name]["gflop_per_s"]]
+        figures["step efficiency (step / peak)"] = [steps[name]["gflop_per_s"] / peaks[results[0]["numerics"]]]
         figures["train s to best epoch"] = [
             float(result["history"].set_index("epoch").loc[result["best_epoch"], "seconds"]) for result in results
         ]
