@@ -30,17 +30,14 @@ from tasks.numerics import apply_numerics, run_precision
 from tasks.params import load_params
 params = load_params(sys.argv[1])
 apply_numerics(params.numerics)
-import keras, numpy as np
+import numpy as np
 from tasks.flops import TRAINING_PASSES, forward_flops
-from tasks.numerics import keep_graph_arithmetic
 from tasks.model import build_model
-from tasks.train import compile_model, model_options, training_targets
+from tasks.train import compile_model, model_options, set_up_backend, training_targets
 # The team's CIFAR-10: 32x32 RGB images, 10 classes, 45,000 to train on (the schedule's length only).
 train, seconds, num_classes = params.train, float(sys.argv[2]), 10
 precision = run_precision(params.numerics)
-keras.mixed_precision.set_global_policy("mixed_bfloat16" if precision == "bfloat16" else "float32")
-keras.utils.set_random_seed(params.seed)
-keep_graph_arithmetic()
+set_up_backend(precision, params.seed)  # as the train stage: its precision, op determinism, graph arithmetic
 model = build_model(train.model, (32, 32, 3), num_classes, **model_options(train))
 compile_model(model, train, steps_per_epoch=math.ceil(45000 / train.batch_size))
 rng = np.random.default_rng(params.seed)

@@ -240,6 +240,21 @@ def epoch_runs(total_steps: int, steps_per_epoch: int, start_epoch: int) -> list
     return [run for run in runs if run[0] < run[1]]
 
 
+def set_up_backend(precision: str, seed: int) -> None:
+    """Make Keras build layers computing in `precision`, seeded, with graphs that run the same on every CPU."""
+    import keras
+
+    # Layers built from now on compute in `precision` (weights stay float32); a saved model keeps
+    # each layer's policy, so evaluate and predict compute as training did.
+    keras.mixed_precision.set_global_policy("mixed_bfloat16" if precision == "bfloat16" else "float32")
+    keras.utils.set_random_seed(seed)
+    keep_graph_arithmetic()
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
+
+
 def fit(
     arrays: dict[str, np.ndarray],
     *,
@@ -253,19 +268,10 @@ def fit(
     """Fit from scratch or from the last completed epoch in `checkpoints`; return the history with sha256s."""
     import keras
 
-    # Layers built now compute in `precision` (weights stay float32); the saved model keeps
-    # each layer's policy, so evaluate and predict compute as training did.
-    keras.mixed_precision.set_global_policy("mixed_bfloat16" if precision == "bfloat16" else "float32")
-
     from tasks.io import load_model
     from tasks.model import build_model, initialize_from_data
 
-    keras.utils.set_random_seed(seed)
-    keep_graph_arithmetic()
-    if keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
-
-        tf.config.experimental.enable_op_determinism()
+    set_up_backend(precision, seed)
     checkpoints.mkdir(parents=True, exist_ok=True)
     history = resumable_history(checkpoints, fingerprint)
     start_epoch = int(history[-1]["epoch"]) if history else 0
