@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 
 import keras
 import numpy as np
@@ -346,17 +347,78 @@ def build_speed_cnn(
     return keras.Model(inputs, outputs, name="speed_cnn")
 
 
+def patch_covariance(images: np.ndarray, kernel_size: int) -> np.ndarray:
+    """Covariance (float64) of the k x k patches of uint8 `images`, rows in Keras conv kernel order.
+
+    The sums run over integer pixel values in float64, where every partial sum is an exact
+    integer (below 2**53 up to about 10**11 patches), so no BLAS kernel, thread count or chunking
+    can change a bit of them; the one rounding is the final division, the same on every CPU.
+    """
+    if images.dtype != np.uint8:
+        raise ValueError(f"whitening needs uint8 images (0-255), got {images.dtype}")
+    features = kernel_size * kernel_size * images.shape[-1]
+    sums, products, count = np.zeros(features), np.zeros((features, features)), 0
+    # Chunks bound memory (a float64 copy of 5,000 images' patches would take 460 MB).
+    for chunk in np.array_split(images, max(1, len(images) // 1000)):
+        windows = np.lib.stride_tricks.sliding_window_view(chunk, (kernel_size, kernel_size), axis=(1, 2))
+        # (n, h, w, c, kh, kw) -> rows of (kh, kw, c), the layout of a Keras conv kernel.
+        patches = windows.transpose(0, 1, 2, 4, 5, 3).reshape(-1, features).astype(np.float64)
+        sums += patches.sum(axis=0)
+        products += patches.T @ patches
+        count += len(patches)
+
+    def exact_entry(a: int, b: int) -> float:
+        # In Python integers (count * products overflows int64 for large images); one rounding, at the division.
+        return (count * int(products[a, b]) - int(sums[a]) * int(sums[b])) / (count * (count - 1))
+
+    return np.array([[exact_entry(a, b) for b in range(features)] for a in range(features)])
+
+
+def symmetric_eigh(matrix: np.ndarray, max_sweeps: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalues (ascending) and eigenvectors (columns) of a small symmetric matrix, the same bits on every CPU.
+
+    Cyclic Jacobi rotations in elementwise float64 arithmetic, each operation rounded once as
+    IEEE 754 says. numpy's eigh runs LAPACK on OpenBLAS kernels picked per CPU, and their last
+    bits differ (Zen 3 gets Haswell's kernels, Zen 4 and the Xeons SkylakeX's): enough, about
+    once in twenty datasets, to round one weight of the float32 whitening stem differently.
+    """
+    a = np.array(matrix, dtype=np.float64)
+    size = len(a)
+    vectors = np.eye(size)
+    for _ in range(max_sweeps):
+        rotated = False
+        for p in range(size - 1):
+            for q in range(p + 1, size):
+                # Below this, a rotation would not change the diagonal it is added to.
+                if abs(a[p, q]) <= np.finfo(np.float64).eps / 4 * math.sqrt(abs(a[p, p] * a[q, q])):
+                    continue
+                rotated = True
+                # The rotation that zeroes a[p, q], by the smaller of its two angles (Golub and Van Loan, 8.5.2).
+                theta = (a[q, q] - a[p, p]) / (2 * a[p, q])
+                tangent = math.copysign(1.0, theta) / (abs(theta) + math.sqrt(theta * theta + 1))
+                cosine = 1 / math.sqrt(tangent * tangent + 1)
+                sine = tangent * cosine
+                for view in (a.T, a, vectors.T):  # columns of a, then its rows, then the eigenvectors
+                    first, second = view[p].copy(), view[q].copy()
+                    view[p] = cosine * first - sine * second
+                    view[q] = sine * first + cosine * second
+                a[p, q] = a[q, p] = 0.0  # what the rotation was chosen for; rounding leaves a trace
+        if not rotated:
+            order = np.argsort(np.diag(a), kind="stable")
+            return np.diag(a)[order], vectors[:, order]
+    raise ValueError(f"symmetric_eigh: no convergence in {max_sweeps} sweeps (is the {size}x{size} matrix finite?)")
+
+
 def whitening_kernel(images: np.ndarray, kernel_size: int = STEM_KERNEL, epsilon: float = 5e-4) -> np.ndarray:
-    """Conv kernel (k, k, channels, 2 * k*k*channels) that whitens the images' k x k patches.
+    """Conv kernel (k, k, channels, 2 * k*k*channels) that whitens the normalised images' k x k patches.
 
     Its filters are the eigenvectors of the patch covariance scaled by 1/sqrt(eigenvalue),
     each also negated so a following GELU keeps both signs (airbench's whitening init).
     """
-    pixels = (images.astype(np.float32) / 255 - CIFAR10_MEAN) / CIFAR10_STD
-    patches = np.lib.stride_tricks.sliding_window_view(pixels, (kernel_size, kernel_size), axis=(1, 2))
-    # (n, h, w, c, kh, kw) -> rows of (kh, kw, c), the layout of a Keras conv kernel.
-    patches = patches.transpose(0, 1, 2, 4, 5, 3).reshape(-1, kernel_size * kernel_size * images.shape[-1])
-    eigenvalues, eigenvectors = np.linalg.eigh(np.cov(patches, rowvar=False))
+    # The model sees (x / 255 - mean) / std: the mean does not move a covariance, the scale divides it.
+    scale = np.tile(255 * np.asarray(CIFAR10_STD), kernel_size * kernel_size)
+    covariance = patch_covariance(images, kernel_size) / np.outer(scale, scale)
+    eigenvalues, eigenvectors = symmetric_eigh(covariance)
     filters = (eigenvectors / np.sqrt(eigenvalues + epsilon)).T
     kernel = filters.reshape(-1, kernel_size, kernel_size, images.shape[-1]).transpose(1, 2, 3, 0)
     return np.concatenate([kernel, -kernel], axis=-1).astype(np.float32)

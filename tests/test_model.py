@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
+import pytest
 
 from tasks.model import (
     CIFAR10_MEAN,
     CIFAR10_STD,
     build_model,
     initialize_speed_cnn,
+    patch_covariance,
+    symmetric_eigh,
     whitening_kernel,
     whitening_sample,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _images(count: int = 200, seed: int = 0) -> np.ndarray:
@@ -32,6 +42,55 @@ def test_whitening_kernel_decorrelates_patches():
     responses = patches @ kernel[..., :12].reshape(12, 12)
     np.testing.assert_allclose(np.cov(responses, rowvar=False), np.eye(12), atol=1e-3)
     np.testing.assert_array_equal(kernel[..., 12:], -kernel[..., :12])
+
+
+def test_patch_covariance_is_numpys_covariance_of_the_patches():
+    images = _images(count=2500)  # three chunks of patches
+    patches = np.lib.stride_tricks.sliding_window_view(images.astype(np.float64), (2, 2), axis=(1, 2))
+    expected = np.cov(patches.transpose(0, 1, 2, 4, 5, 3).reshape(-1, 12), rowvar=False)
+    np.testing.assert_allclose(patch_covariance(images, 2), expected, rtol=1e-12)
+    with pytest.raises(ValueError, match="uint8 images"):
+        patch_covariance(images.astype(np.float32), 2)
+
+
+def test_symmetric_eigh_decomposes_like_lapack_over_a_wide_range_of_eigenvalues():
+    rng = np.random.default_rng(0)
+    rotation, _ = np.linalg.qr(rng.standard_normal((12, 12)))
+    expected = np.logspace(-6, 2, 12)  # a patch covariance spans about 1e-4 to 10
+    matrix = (rotation * expected) @ rotation.T
+    eigenvalues, eigenvectors = symmetric_eigh((matrix + matrix.T) / 2)
+    np.testing.assert_allclose(eigenvalues, expected, rtol=1e-7)
+    np.testing.assert_allclose(eigenvalues, np.linalg.eigh(matrix)[0], rtol=1e-7)
+    np.testing.assert_allclose(eigenvectors.T @ eigenvectors, np.eye(12), atol=1e-14)
+    np.testing.assert_allclose(eigenvectors @ np.diag(eigenvalues) @ eigenvectors.T, matrix, atol=1e-13)
+    with pytest.raises(ValueError, match="no convergence"):
+        symmetric_eigh(np.array([[1.0, np.nan], [np.nan, 1.0]]))
+
+
+# numpy's BLAS (OpenBLAS) picks its kernels by CPU at run time; OPENBLAS_CORETYPE forces another
+# CPU's, so one machine can run the kernels of an AVX2-only Zen 3 (Haswell) and of an SSE3 CPU.
+WHITENING_PROBE = """
+import hashlib, numpy as np
+from tasks.model import patch_covariance, symmetric_eigh, whitening_kernel
+rng = np.random.default_rng(0)
+images = rng.integers(0, 256, (1500, 32, 32, 3), dtype=np.uint8)
+covariance = patch_covariance(images, 2)
+# The float64 steps too: their last bits show what the float32 kernel may round away.
+for array in (covariance, *symmetric_eigh(covariance), whitening_kernel(images)):
+    print(hashlib.sha256(array.tobytes()).hexdigest())
+"""
+
+
+def test_whitening_kernel_is_the_same_bytes_whatever_blas_kernels_and_threads_compute_it():
+    digests = set()
+    for coretype, threads in (("Haswell", "1"), ("Prescott", "2")):
+        environment = os.environ | {"OPENBLAS_CORETYPE": coretype, "OPENBLAS_NUM_THREADS": threads}
+        probe = subprocess.run(
+            [sys.executable, "-c", WHITENING_PROBE], cwd=ROOT, env=environment, capture_output=True, text=True
+        )
+        assert probe.returncode == 0, probe.stderr[-2000:]
+        digests.add(probe.stdout.strip())
+    assert len(digests) == 1, digests
 
 
 def test_initialized_speed_cnn_has_the_whitening_stem_and_identity_convs():
