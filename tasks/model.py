@@ -378,9 +378,9 @@ def symmetric_eigh(matrix: np.ndarray, max_sweeps: int = 64) -> tuple[np.ndarray
     """Eigenvalues (ascending) and eigenvectors (columns) of a small symmetric matrix, the same bits on every CPU.
 
     Cyclic Jacobi rotations in elementwise float64 arithmetic, each operation rounded once as
-    IEEE 754 says. numpy's eigh runs LAPACK on OpenBLAS kernels picked per CPU, and their last
-    bits differ (Zen 3 gets Haswell's kernels, Zen 4 and the Xeons SkylakeX's): enough, about
-    once in twenty datasets, to round one weight of the float32 whitening stem differently.
+    IEEE 754 says. numpy's eigh runs LAPACK on OpenBLAS kernels picked per CPU (Zen's on a Zen 3,
+    SkylakeX's on a Zen 4), and their last bits differ: enough, for an estimated one dataset in
+    twenty or fewer, to round a weight of the float32 whitening stem differently.
     """
     a = np.array(matrix, dtype=np.float64)
     size = len(a)
