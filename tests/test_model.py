@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,8 +19,7 @@ from tasks.model import (
     whitening_kernel,
     whitening_sample,
 )
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import ROOT
 
 
 def _images(count: int = 200, seed: int = 0) -> np.ndarray:
@@ -31,13 +29,17 @@ def _images(count: int = 200, seed: int = 0) -> np.ndarray:
     return np.clip(base + rng.integers(-20, 21, (count, 32, 32, 3)), 0, 255).astype(np.uint8)
 
 
+def _patch_rows(pixels: np.ndarray) -> np.ndarray:
+    """Every 2x2 patch of `pixels` as a row in (kh, kw, channel) order, written independently of the model."""
+    patches = np.lib.stride_tricks.sliding_window_view(pixels, (2, 2), axis=(1, 2))
+    return patches.transpose(0, 1, 2, 4, 5, 3).reshape(-1, 12)
+
+
 def test_whitening_kernel_decorrelates_patches():
     images = _images()
     kernel = whitening_kernel(images, epsilon=1e-9)
     assert kernel.shape == (2, 2, 3, 24)
-    pixels = (images.astype(np.float64) / 255 - CIFAR10_MEAN) / CIFAR10_STD
-    patches = np.lib.stride_tricks.sliding_window_view(pixels, (2, 2), axis=(1, 2))
-    patches = patches.transpose(0, 1, 2, 4, 5, 3).reshape(-1, 12)
+    patches = _patch_rows((images.astype(np.float64) / 255 - CIFAR10_MEAN) / CIFAR10_STD)
     # The first half of the filters whiten; the second half are their negatives.
     responses = patches @ kernel[..., :12].reshape(12, 12)
     np.testing.assert_allclose(np.cov(responses, rowvar=False), np.eye(12), atol=1e-3)
@@ -45,9 +47,8 @@ def test_whitening_kernel_decorrelates_patches():
 
 
 def test_patch_covariance_is_numpys_covariance_of_the_patches():
-    images = _images(count=2500)  # three chunks of patches
-    patches = np.lib.stride_tricks.sliding_window_view(images.astype(np.float64), (2, 2), axis=(1, 2))
-    expected = np.cov(patches.transpose(0, 1, 2, 4, 5, 3).reshape(-1, 12), rowvar=False)
+    images = _images(count=2500)  # two chunks of 1,250 images
+    expected = np.cov(_patch_rows(images.astype(np.float64)), rowvar=False)
     np.testing.assert_allclose(patch_covariance(images, 2), expected, rtol=1e-12)
     with pytest.raises(ValueError, match="uint8 images"):
         patch_covariance(images.astype(np.float32), 2)
