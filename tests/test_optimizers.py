@@ -51,32 +51,44 @@ def test_muon_steps_kernels_like_airbench_and_other_weights_like_keras_nesterov_
     rng = np.random.default_rng(1)
     kernel_start, bias_start = rng.normal(size=(3, 3, 4, 8)), rng.normal(size=(8,))
     gradients = [(rng.normal(size=(3, 3, 4, 8)), rng.normal(size=(8,))) for _ in range(3)]
-    learning_rate, scale, momentum, kernel_momentum = 0.2, 0.5, 0.85, 0.6
+    peak, scale, momentum, kernel_momentum, weight_decay = 0.2, 0.5, 0.85, 0.6, 0.05
+    # The pipeline's warm-up and cosine schedule: the rate differs at every step.
+    schedule = keras.optimizers.schedules.CosineDecay(peak / 4, 2, warmup_target=peak, warmup_steps=1)
 
     kernel = keras.Variable(kernel_start.astype(np.float32))
     bias = keras.Variable(bias_start.astype(np.float32))
-    muon = Muon(learning_rate, momentum=momentum, kernel_learning_rate_scale=scale, kernel_momentum=kernel_momentum)
+    muon = Muon(
+        schedule,
+        momentum=momentum,
+        kernel_learning_rate_scale=scale,
+        kernel_momentum=kernel_momentum,
+        weight_decay=weight_decay,
+    )
     sgd_bias = keras.Variable(bias_start.astype(np.float32))
-    sgd = keras.optimizers.SGD(learning_rate, momentum=momentum, nesterov=True)
+    sgd = keras.optimizers.SGD(schedule, momentum=momentum, nesterov=True, weight_decay=weight_decay)
 
     # airbench's step on the kernel, as PyTorch lays it out: (out, in * kh * kw).
     weights = kernel_start.transpose(3, 2, 0, 1).reshape(8, -1)
     buffer = np.zeros_like(weights)
-    for kernel_gradient, bias_gradient in gradients:
+    for step, (kernel_gradient, bias_gradient) in enumerate(gradients):
+        learning_rate = float(schedule(step))
+        assert learning_rate > 0
         muon.apply([kernel_gradient.astype(np.float32), bias_gradient.astype(np.float32)], [kernel, bias])
         sgd.apply([bias_gradient.astype(np.float32)], [sgd_bias])
         gradient = kernel_gradient.transpose(3, 2, 0, 1).reshape(8, -1)
         buffer = kernel_momentum * buffer + gradient
+        weights = weights * (1 - weight_decay * learning_rate)  # undone by the norm reset, up to rounding
         weights = weights * np.sqrt(8) / np.linalg.norm(weights)
         weights = weights - learning_rate * scale * _orthogonalize_numpy(gradient + kernel_momentum * buffer)
 
     expected_kernel = weights.reshape(8, 4, 3, 3).transpose(2, 3, 1, 0)
     np.testing.assert_allclose(kernel.numpy(), expected_kernel, rtol=1e-4, atol=1e-5)
-    np.testing.assert_array_equal(bias.numpy(), sgd_bias.numpy())  # term for term: the same bits
+    # Term for term, weight decay included: the same bits as Keras' own.
+    np.testing.assert_array_equal(bias.numpy(), sgd_bias.numpy())
 
 
 def test_muon_config_round_trips():
     muon = Muon(0.3, momentum=0.8, kernel_learning_rate_scale=0.05, kernel_momentum=0.5, weight_decay=0.01)
     again = Muon.from_config(muon.get_config())
     assert (again.momentum, again.kernel_learning_rate_scale, again.kernel_momentum) == (0.8, 0.05, 0.5)
-    assert again.weight_decay == 0.01
+    assert again.get_config()["weight_decay"] == 0.01
