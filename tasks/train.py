@@ -240,6 +240,58 @@ def epoch_runs(total_steps: int, steps_per_epoch: int, start_epoch: int) -> list
     return [run for run in runs if run[0] < run[1]]
 
 
+def epoch_order(seed: int, epoch: int, size: int) -> np.ndarray:
+    """The training images' order in `epoch` (from 1), drawn from (seed, epoch) alone: a resumed run draws it too."""
+    return np.random.default_rng([seed, epoch]).permutation(size)
+
+
+def batched(images: np.ndarray, targets: np.ndarray, *, batch_size: int, orders: list[np.ndarray]):
+    """A tf.data pipeline of (images, targets) batches that takes the rows in each of `orders` in turn.
+
+    Built here rather than by Keras from the arrays: Keras' pipeline autotunes, and deleting
+    its iterator at an epoch's end waits, idle, up to 2.5 s for the tuning thread (docs/speed.md).
+    """
+    import tensorflow as tf
+
+    rows = tf.data.Dataset.from_tensor_slices(orders[0]).batch(batch_size)
+    for order in orders[1:]:
+        rows = rows.concatenate(tf.data.Dataset.from_tensor_slices(order).batch(batch_size))
+    # As Keras does: the arrays enter once, zipped beside every batch of rows, and are gathered from.
+    whole = tf.data.Dataset.from_tensors((images, targets)).repeat()
+    dataset = tf.data.Dataset.zip(rows, whole).map(lambda batch, data: tuple(tf.gather(a, batch) for a in data))
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    # No static rewrites either (as Keras): they would serialise the arrays into a graph.
+    options.experimental_optimization.apply_default_optimizations = False
+    return dataset.prefetch(2).with_options(options)
+
+
+def fit_inputs(arrays: dict, targets: dict, *, batch_size: int, seed: int, epochs: range) -> dict:
+    """model.fit's data arguments for `epochs` (from 1), each epoch's images in `epoch_order`.
+
+    On TensorFlow, `batched` pipelines; other backends (JAX on the device machines) use no
+    tf.data, so Keras takes the arrays and shuffles them itself, in its own order.
+    """
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        return {
+            "x": arrays["x_train"],
+            "y": targets["train"],
+            "batch_size": batch_size,
+            "shuffle": True,
+            "validation_data": (arrays["x_val"], targets["val"]),
+        }
+    orders = [epoch_order(seed, epoch, len(targets["train"])) for epoch in epochs]
+    return {
+        "x": batched(arrays["x_train"], targets["train"], batch_size=batch_size, orders=orders),
+        "shuffle": False,  # the orders above are the shuffle
+        "validation_data": batched(
+            arrays["x_val"], targets["val"], batch_size=batch_size, orders=[np.arange(len(targets["val"]))]
+        ),
+    }
+
+
 def set_up_backend(precision: str, seed: int) -> None:
     """Make Keras build layers computing in `precision`, seeded, with graphs that run the same on every CPU."""
     import keras
@@ -281,7 +333,8 @@ def fit(
             "resuming from %s (epoch %d of %g)", checkpoints / checkpoint_name(start_epoch), start_epoch, train.epochs
         )
         model = load_model(checkpoints / checkpoint_name(start_epoch), sha256=str(history[-1]["sha256"]))
-        # A resumed run draws fresh shuffles: reseed from the epoch so the rerun is itself repeatable.
+        # The image order is epoch_order's, but the augmentation draws start afresh: reseed from the
+        # epoch so the rerun is itself repeatable.
         keras.utils.set_random_seed(seed + start_epoch)
     else:
         write_json(checkpoints / "fingerprint.json", fingerprint)
@@ -289,8 +342,7 @@ def fit(
         initialize_from_data(train.model, model, arrays["x_train"], seed)
         compile_model(model, train, steps_per_epoch=steps_per_epoch)
     total_steps = training_steps(train.epochs, steps_per_epoch)
-    targets = training_targets(arrays["y_train"], train, num_classes)
-    validation = (arrays["x_val"], training_targets(arrays["y_val"], train, num_classes))
+    targets = {part: training_targets(arrays[f"y_{part}"], train, num_classes) for part in ("train", "val")}
     for first, last, steps in epoch_runs(total_steps, steps_per_epoch, start_epoch):
         callbacks = [_epoch_checkpointer(checkpoints, history)]
         if train.lookahead:
@@ -301,14 +353,10 @@ def fit(
                 )
             )
         model.fit(
-            arrays["x_train"],
-            targets,
-            batch_size=train.batch_size,
+            **fit_inputs(arrays, targets, batch_size=train.batch_size, seed=seed, epochs=range(first + 1, last + 1)),
             epochs=last,
             initial_epoch=first,
-            steps_per_epoch=steps,
-            validation_data=validation,
-            shuffle=True,
+            steps_per_epoch=steps or steps_per_epoch,
             callbacks=callbacks,
             verbose=2,
         )

@@ -128,6 +128,24 @@ def test_speed_recipe_resumes_its_schedule_and_predicts_without_augmenting(split
     np.testing.assert_allclose(model.predict(x[:, :, ::-1], verbose=0), first, rtol=1e-4, atol=1e-6)
 
 
+def test_each_epoch_feeds_every_image_once_in_the_order_its_seed_and_number_draw():
+    import numpy as np
+
+    images = np.arange(10 * 2 * 2 * 3, dtype=np.uint8).reshape(10, 2, 2, 3)
+    targets = np.arange(10) * 10
+    orders = [train.epoch_order(7, epoch, 10) for epoch in (1, 2)]
+    dataset = train.batched(images, targets, batch_size=4, orders=orders)
+    batches = [(x.numpy(), y.numpy()) for x, y in dataset]
+    assert [len(y) for _, y in batches] == [4, 4, 2, 4, 4, 2]  # each epoch ends on its own partial batch
+    np.testing.assert_array_equal(np.concatenate([y for _, y in batches]), np.concatenate(orders) * 10)
+    for x, y in batches:
+        np.testing.assert_array_equal(x, images[y // 10])  # images and targets stay paired
+    assert sorted(orders[0]) == list(range(10)) and not np.array_equal(orders[0], orders[1])
+    # A run resumed after epoch 1 draws epoch 2's order again, whatever came before it.
+    np.testing.assert_array_equal(train.epoch_order(7, 2, 10), orders[1])
+    assert dataset.options().autotune.enabled is False  # no tuning thread for a deleted iterator to wait on
+
+
 def test_a_fractional_last_epoch_stops_early_is_validated_and_counted_as_run(split_params):
     from tasks.flops import TRAINING_PASSES
     from tasks.io import load_model, read_arrays, read_json
