@@ -333,8 +333,8 @@ def fit(
             "resuming from %s (epoch %d of %g)", checkpoints / checkpoint_name(start_epoch), start_epoch, train.epochs
         )
         model = load_model(checkpoints / checkpoint_name(start_epoch), sha256=str(history[-1]["sha256"]))
-        # The image order is epoch_order's, but the augmentation draws start afresh: reseed from the
-        # epoch so the rerun is itself repeatable.
+        # On TensorFlow the order comes from epoch_order; on JAX Keras shuffles with numpy's global
+        # state: reseed from the epoch so a resumed run is itself repeatable there too.
         keras.utils.set_random_seed(seed + start_epoch)
     else:
         write_json(checkpoints / "fingerprint.json", fingerprint)
