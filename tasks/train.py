@@ -49,6 +49,25 @@ def checkpoint_name(epoch: int) -> str:
     return f"epoch-{epoch:03d}.keras"
 
 
+def random_state_name(epoch: int) -> str:
+    """File name of the random layers' seed states after `epoch`, beside its checkpoint."""
+    return f"epoch-{epoch:03d}.random.json"
+
+
+def seed_states(model) -> list:
+    """The seed state variables of the model's random layers (flips, shifts), in layer order."""
+    return [variable for variable in model.variables if variable.name == "seed_generator_state"]
+
+
+def restore_seed_states(model, path: Path) -> None:
+    """Give the random layers back the seed states saved in `path`: Keras does not restore them from a .keras file."""
+    saved, variables = read_json(path, required=("seed_states",))["seed_states"], seed_states(model)
+    if len(saved) != len(variables):
+        raise DataError(f"{path}: {len(saved)} seed states saved, the model has {len(variables)} random layers")
+    for variable, state in zip(variables, saved, strict=True):
+        variable.assign(np.asarray(state, dtype=variable.dtype))
+
+
 def run_fingerprint(params: Params, *, data_sha256: str, code_sha256: str) -> dict:
     """What a checkpoint folder must match to be resumed: train params, seed, numerics, data and code."""
     return {
@@ -75,7 +94,11 @@ def resumable_history(checkpoints: Path, fingerprint: dict) -> list[dict]:
     history_path = checkpoints / RESUME_HISTORY
     if state.exists() and history_path.exists() and read_json(state) == fingerprint:
         history = read_table(history_path)
-        saved = {int(match[1]) for path in checkpoints.iterdir() if (match := CHECKPOINT_PATTERN.match(path.name))}
+        checkpointed = {
+            int(match[1]) for path in checkpoints.iterdir() if (match := CHECKPOINT_PATTERN.match(path.name))
+        }
+        # An epoch resumes from its checkpoint and its random layers' seed states together.
+        saved = {epoch for epoch in checkpointed if (checkpoints / random_state_name(epoch)).exists()}
         completed = history[history["epoch"].isin(saved)].to_dict("records")
         if completed:
             return completed
@@ -178,6 +201,9 @@ def _epoch_checkpointer(checkpoints: Path, history: list[dict]):
                 )
             # The checkpoint's hash goes in the resume state so a tampered file is refused on resume.
             row["sha256"] = save_model(checkpoints / checkpoint_name(epoch + 1), self.model)
+            # The augmentation's place in its random streams, so a resumed run draws what this one would.
+            states = [state.numpy().tolist() for state in seed_states(self.model)]
+            write_json(checkpoints / random_state_name(epoch + 1), {"seed_states": states})
             history.append(row)
             # The history is written after the checkpoint: a row always has its checkpoint.
             write_table(checkpoints / RESUME_HISTORY, pd.DataFrame(history, columns=[*HISTORY_COLUMNS, "sha256"]))
@@ -333,6 +359,7 @@ def fit(
             "resuming from %s (epoch %d of %g)", checkpoints / checkpoint_name(start_epoch), start_epoch, train.epochs
         )
         model = load_model(checkpoints / checkpoint_name(start_epoch), sha256=str(history[-1]["sha256"]))
+        restore_seed_states(model, checkpoints / random_state_name(start_epoch))
         # On TensorFlow the order comes from epoch_order; on JAX Keras shuffles with numpy's global
         # state: reseed from the epoch so a resumed run is itself repeatable there too.
         keras.utils.set_random_seed(seed + start_epoch)

@@ -128,6 +128,30 @@ def test_speed_recipe_resumes_its_schedule_and_predicts_without_augmenting(split
     np.testing.assert_allclose(model.predict(x[:, :, ::-1], verbose=0), first, rtol=1e-4, atol=1e-6)
 
 
+def test_a_resumed_run_ends_with_the_weights_and_history_of_a_run_never_stopped(split_params):
+    import numpy as np
+
+    from tasks.io import load_model
+
+    def final_weights(params):
+        path = params.paths.resume / "epoch-003.keras"
+        return load_model(path, sha256=sha256_file(path)).get_weights()
+
+    params = with_train(split_params, epochs=3, **SPEED_RECIPE)  # flips and shifts on
+    train.run(params)
+    uninterrupted, history = final_weights(params), (params.paths.training / "history.csv").read_bytes()
+    # As if killed during epoch 3: the same order comes from epoch_order, the same augmentation
+    # from the seed states saved beside epoch 2's checkpoint.
+    checkpoints = params.paths.resume
+    (checkpoints / "epoch-003.keras").unlink()
+    rows = pd.read_csv(checkpoints / "history.csv")
+    rows[rows["epoch"] < 3].to_csv(checkpoints / "history.csv", index=False)
+    train.run(params)
+    assert (params.paths.training / "history.csv").read_bytes() == history
+    for resumed, before in zip(final_weights(params), uninterrupted, strict=True):
+        np.testing.assert_array_equal(resumed, before)
+
+
 def test_each_epoch_feeds_every_image_once_in_the_order_its_seed_and_number_draw():
     import numpy as np
 
@@ -310,7 +334,12 @@ def test_disk_full_during_a_checkpoint_keeps_earlier_epochs_and_resumes(split_pa
     with pytest.raises(OSError, match="No space left"):
         train.run(params)
     checkpoints = params.paths.resume
-    assert sorted(path.name for path in checkpoints.iterdir()) == ["epoch-001.keras", "fingerprint.json", "history.csv"]
+    assert sorted(path.name for path in checkpoints.iterdir()) == [
+        "epoch-001.keras",
+        "epoch-001.random.json",
+        "fingerprint.json",
+        "history.csv",
+    ]
     history = pd.read_csv(checkpoints / "history.csv")
     assert history["epoch"].tolist() == [1]
     assert sha256_file(checkpoints / "epoch-001.keras") == history["sha256"].iloc[0]
