@@ -23,6 +23,13 @@ def with_train(path, **changes):
     return load_params(path)
 
 
+def checkpoint_weights(path: Path) -> list:
+    """The weights saved in the checkpoint at `path` (load_model wants a sha256; its own is given)."""
+    from tasks.io import load_model
+
+    return load_model(path, sha256=sha256_file(path)).get_weights()
+
+
 def test_rerun_resumes_after_the_last_completed_epoch(split_params, caplog):
     params = with_train(split_params, epochs=3)
     train.run(params)
@@ -131,11 +138,8 @@ def test_speed_recipe_resumes_its_schedule_and_predicts_without_augmenting(split
 def test_a_resumed_run_ends_with_the_weights_and_history_of_a_run_never_stopped(split_params):
     import numpy as np
 
-    from tasks.io import load_model
-
     def final_weights(params):
-        path = params.paths.resume / "epoch-003.keras"
-        return load_model(path, sha256=sha256_file(path)).get_weights()
+        return checkpoint_weights(params.paths.resume / "epoch-003.keras")
 
     params = with_train(split_params, epochs=3, **SPEED_RECIPE)  # flips and shifts on
     train.run(params)
@@ -205,11 +209,8 @@ def test_speed_recipe_trains_the_same_weights_twice(split_params, optimizer):
 
     import numpy as np
 
-    from tasks.io import load_model
-
     def final_weights(params):
-        path = params.paths.checkpoints / "epoch-002.keras"
-        return load_model(path, sha256=sha256_file(path)).get_weights()
+        return checkpoint_weights(params.paths.checkpoints / "epoch-002.keras")
 
     params = with_train(split_params, epochs=2, **{**SPEED_RECIPE, **optimizer})
     train.run(params)
