@@ -24,6 +24,7 @@ from tasks.io import (
     read_table,
     save_model,
     sha256_file,
+    verify_sha256,
     write_json,
     write_table,
 )
@@ -37,7 +38,9 @@ CHECKPOINT_PATTERN = re.compile(r"^epoch-(\d{3,})\.keras$")
 # loss is the training objective (label-smoothed when train.label_smoothing > 0); crossentropy
 # is plain cross-entropy, the figure evaluate reports for the test set.
 HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "crossentropy", "val_loss", "val_accuracy", "val_crossentropy")
-RESUME_HISTORY = "history.csv"  # HISTORY_COLUMNS plus each checkpoint's sha256, beside the checkpoints
+RESUME_HISTORY = "history.csv"  # beside the checkpoints: RESUME_COLUMNS
+# Each checkpoint's sha256 and its seed states' (random_state_name): both are checked on resume.
+RESUME_COLUMNS = (*HISTORY_COLUMNS, "sha256", "random_sha256")
 
 
 class TrainingDivergedError(DataError):
@@ -59,8 +62,9 @@ def seed_states(model) -> list:
     return [variable for variable in model.variables if variable.name == "seed_generator_state"]
 
 
-def restore_seed_states(model, path: Path) -> None:
+def restore_seed_states(model, path: Path, sha256: str) -> None:
     """Give the random layers back the seed states saved in `path`: Keras does not restore them from a .keras file."""
+    verify_sha256(path, sha256)
     saved, variables = read_json(path, required=("seed_states",))["seed_states"], seed_states(model)
     if len(saved) != len(variables):
         raise DataError(f"{path}: {len(saved)} seed states saved, the model has {len(variables)} random layers")
@@ -203,10 +207,11 @@ def _epoch_checkpointer(checkpoints: Path, history: list[dict]):
             row["sha256"] = save_model(checkpoints / checkpoint_name(epoch + 1), self.model)
             # The augmentation's place in its random streams, so a resumed run draws what this one would.
             states = [state.numpy().tolist() for state in seed_states(self.model)]
-            write_json(checkpoints / random_state_name(epoch + 1), {"seed_states": states})
+            written = write_json(checkpoints / random_state_name(epoch + 1), {"seed_states": states})
+            row["random_sha256"] = sha256_file(written)
             history.append(row)
             # The history is written after the checkpoint: a row always has its checkpoint.
-            write_table(checkpoints / RESUME_HISTORY, pd.DataFrame(history, columns=[*HISTORY_COLUMNS, "sha256"]))
+            write_table(checkpoints / RESUME_HISTORY, pd.DataFrame(history, columns=RESUME_COLUMNS))
 
     return EpochCheckpoint()
 
@@ -292,23 +297,34 @@ def batched(images: np.ndarray, targets: np.ndarray, *, batch_size: int, orders:
     return dataset.prefetch(2).with_options(options)
 
 
-def fit_inputs(arrays: dict, targets: dict, *, batch_size: int, seed: int, epochs: range) -> dict:
+def numpy_batches(images: np.ndarray, targets: np.ndarray, *, batch_size: int, orders: list[np.ndarray]):
+    """The batches `batched` gives, as numpy arrays from a generator: for backends without tf.data."""
+    for order in orders:
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            yield images[rows], targets[rows]
+
+
+def fit_inputs(
+    arrays: dict, targets: dict, *, batch_size: int, seed: int, epochs: range, backend: str | None = None
+) -> dict:
     """model.fit's data arguments for `epochs` (from 1), each epoch's images in `epoch_order`.
 
-    On TensorFlow, `batched` pipelines; other backends (JAX on the device machines) use no
-    tf.data, so Keras takes the arrays and shuffles them itself, in its own order.
+    On TensorFlow, `batched` pipelines; other backends (JAX on the device machines) have no
+    tf.data and get the same batches from `numpy_batches`.
     """
     import keras
 
-    if keras.backend.backend() != "tensorflow":
-        return {
-            "x": arrays["x_train"],
-            "y": targets["train"],
-            "batch_size": batch_size,
-            "shuffle": True,
-            "validation_data": (arrays["x_val"], targets["val"]),
-        }
     orders = [epoch_order(seed, epoch, len(targets["train"])) for epoch in epochs]
+    if (backend or keras.backend.backend()) != "tensorflow":
+        # Not the arrays with shuffle=True: Keras would draw the order from numpy's global state,
+        # which a resumed run cannot put back.
+        return {
+            "x": numpy_batches(arrays["x_train"], targets["train"], batch_size=batch_size, orders=orders),
+            "shuffle": False,
+            "validation_data": (arrays["x_val"], targets["val"]),
+            "validation_batch_size": batch_size,
+        }
     return {
         "x": batched(arrays["x_train"], targets["train"], batch_size=batch_size, orders=orders),
         "shuffle": False,  # the orders above are the shuffle
@@ -344,8 +360,6 @@ def fit(
     precision: str = "float32",
 ) -> pd.DataFrame:
     """Fit from scratch or from the last completed epoch in `checkpoints`; return the history with sha256s."""
-    import keras
-
     from tasks.io import load_model
     from tasks.model import build_model, initialize_from_data
 
@@ -359,10 +373,7 @@ def fit(
             "resuming from %s (epoch %d of %g)", checkpoints / checkpoint_name(start_epoch), start_epoch, train.epochs
         )
         model = load_model(checkpoints / checkpoint_name(start_epoch), sha256=str(history[-1]["sha256"]))
-        restore_seed_states(model, checkpoints / random_state_name(start_epoch))
-        # On TensorFlow the order comes from epoch_order; on JAX Keras shuffles with numpy's global
-        # state: reseed from the epoch so a resumed run is itself repeatable there too.
-        keras.utils.set_random_seed(seed + start_epoch)
+        restore_seed_states(model, checkpoints / random_state_name(start_epoch), str(history[-1]["random_sha256"]))
     else:
         write_json(checkpoints / "fingerprint.json", fingerprint)
         model = build_model(train.model, arrays["x_train"].shape[1:], num_classes, **model_options(train))

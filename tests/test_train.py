@@ -170,6 +170,12 @@ def test_each_epoch_feeds_every_image_once_in_the_order_its_seed_and_number_draw
 
     whole_run = batches(range(1, 3))
     assert [len(y) for _, y in whole_run] == [4, 4, 2, 4, 4, 2]  # each epoch ends on its own partial batch
+    # Backends without tf.data (JAX) get the same batches from numpy, and validation as stored.
+    numpy_inputs = train.fit_inputs(arrays, targets, batch_size=4, seed=7, epochs=range(1, 3), backend="jax")
+    assert numpy_inputs["shuffle"] is False and numpy_inputs["validation_data"][1].tolist() == [0, 1, 2]
+    for (x, y), (x_numpy, y_numpy) in zip(whole_run, numpy_inputs["x"], strict=True):
+        np.testing.assert_array_equal(x_numpy, x)
+        np.testing.assert_array_equal(y_numpy, y)
     orders = [train.epoch_order(7, epoch, 10) for epoch in (1, 2)]
     np.testing.assert_array_equal(np.concatenate([y for _, y in whole_run]), np.concatenate(orders) * 10)
     for x, y in whole_run:
@@ -374,13 +380,16 @@ def test_failed_model_save_leaves_the_previous_file_byte_identical(tmp_path, mon
     assert sorted(path.name for path in tmp_path.iterdir()) == ["model.keras"]
 
 
-def test_tampered_checkpoint_is_refused_on_resume(split_params):
-    params = with_train(split_params, epochs=3)
+@pytest.mark.parametrize("tampered", ["epoch-002.keras", "epoch-002.random.json"])
+def test_tampered_checkpoint_or_seed_states_are_refused_on_resume(split_params, tampered):
+    params = with_train(split_params, epochs=3, **SPEED_RECIPE)  # random layers: seed states to save
     train.run(params)
     checkpoints = params.paths.resume
     (checkpoints / "epoch-003.keras").unlink()
-    payload = bytearray((checkpoints / "epoch-002.keras").read_bytes())
-    payload[len(payload) // 2] ^= 0xFF
-    (checkpoints / "epoch-002.keras").write_bytes(bytes(payload))
-    with pytest.raises(DataError, match="epoch-002.keras: sha256 is"):
+    payload = bytearray((checkpoints / tampered).read_bytes())
+    # One digit changed: the seed states still parse, and would be used if nothing checked them.
+    index = next(i for i in range(len(payload) // 2, len(payload)) if chr(payload[i]).isdigit())
+    payload[index] = ord("1" if payload[index] != ord("1") else "2")
+    (checkpoints / tampered).write_bytes(bytes(payload))
+    with pytest.raises(DataError, match=f"{tampered}: sha256 is"):
         train.run(params)
