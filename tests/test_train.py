@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -14,6 +17,7 @@ from tasks import train
 from tasks.io import DataError, sha256_file
 from tasks.params import load_params
 from tasks.train import TrainingDivergedError
+from tests.conftest import ROOT
 
 
 def with_train(path, **changes):
@@ -154,6 +158,30 @@ def test_a_resumed_run_ends_with_the_weights_and_history_of_a_run_never_stopped(
     assert (params.paths.training / "history.csv").read_bytes() == history
     for resumed, before in zip(final_weights(params), uninterrupted, strict=True):
         np.testing.assert_array_equal(resumed, before)
+
+
+def test_a_resumed_run_on_jax_ends_where_an_unbroken_one_does(split_params):
+    """The device machines train on JAX (no tf.data): the stage there, in processes of its own."""
+    import numpy as np
+
+    params = with_train(split_params, epochs=3, **SPEED_RECIPE)
+    environment = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
+
+    def train_on_jax():
+        stage = [sys.executable, "-m", "tasks.train", "--params", str(split_params)]
+        result = subprocess.run(stage, cwd=ROOT, env=environment, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return checkpoint_weights(params.paths.resume / "epoch-003.keras")
+
+    uninterrupted, history = train_on_jax(), (params.paths.training / "history.csv").read_bytes()
+    checkpoints = params.paths.resume
+    (checkpoints / "epoch-003.keras").unlink()
+    rows = pd.read_csv(checkpoints / "history.csv")
+    rows[rows["epoch"] < 3].to_csv(checkpoints / "history.csv", index=False)
+    resumed = train_on_jax()
+    assert (params.paths.training / "history.csv").read_bytes() == history
+    for after, before in zip(resumed, uninterrupted, strict=True):
+        np.testing.assert_array_equal(after, before)
 
 
 def test_each_epoch_feeds_every_image_once_in_the_order_its_seed_and_number_draw():
