@@ -34,6 +34,13 @@ def checkpoint_weights(path: Path) -> list:
     return load_model(path, sha256=sha256_file(path)).get_weights()
 
 
+def as_if_killed_during(checkpoints: Path, epoch: int) -> None:
+    """Leave `checkpoints` as a run killed during `epoch` would: its checkpoint and history row never landed."""
+    (checkpoints / train.checkpoint_name(epoch)).unlink()
+    rows = pd.read_csv(checkpoints / "history.csv")
+    rows[rows["epoch"] < epoch].to_csv(checkpoints / "history.csv", index=False)
+
+
 def test_rerun_resumes_after_the_last_completed_epoch(split_params, caplog):
     params = with_train(split_params, epochs=3)
     train.run(params)
@@ -148,12 +155,9 @@ def test_a_resumed_run_ends_with_the_weights_and_history_of_a_run_never_stopped(
     params = with_train(split_params, epochs=3, **SPEED_RECIPE)  # flips and shifts on
     train.run(params)
     uninterrupted, history = final_weights(params), (params.paths.training / "history.csv").read_bytes()
-    # As if killed during epoch 3: the same order comes from epoch_order, the same augmentation
-    # from the seed states saved beside epoch 2's checkpoint.
-    checkpoints = params.paths.resume
-    (checkpoints / "epoch-003.keras").unlink()
-    rows = pd.read_csv(checkpoints / "history.csv")
-    rows[rows["epoch"] < 3].to_csv(checkpoints / "history.csv", index=False)
+    # The same order comes from epoch_order, the same augmentation from the seed states saved
+    # beside epoch 2's checkpoint.
+    as_if_killed_during(params.paths.resume, 3)
     train.run(params)
     assert (params.paths.training / "history.csv").read_bytes() == history
     for resumed, before in zip(final_weights(params), uninterrupted, strict=True):
@@ -174,10 +178,7 @@ def test_a_resumed_run_on_jax_ends_where_an_unbroken_one_does(split_params):
         return checkpoint_weights(params.paths.resume / "epoch-003.keras")
 
     uninterrupted, history = train_on_jax(), (params.paths.training / "history.csv").read_bytes()
-    checkpoints = params.paths.resume
-    (checkpoints / "epoch-003.keras").unlink()
-    rows = pd.read_csv(checkpoints / "history.csv")
-    rows[rows["epoch"] < 3].to_csv(checkpoints / "history.csv", index=False)
+    as_if_killed_during(params.paths.resume, 3)
     resumed = train_on_jax()
     assert (params.paths.training / "history.csv").read_bytes() == history
     for after, before in zip(resumed, uninterrupted, strict=True):
