@@ -54,7 +54,7 @@ def checkpoint_name(epoch: int) -> str:
 
 def random_state_name(epoch: int) -> str:
     """File name of the random layers' seed states after `epoch`, beside its checkpoint."""
-    return f"epoch-{epoch:03d}.random.json"
+    return checkpoint_name(epoch).removesuffix(".keras") + ".random.json"
 
 
 def seed_states(model) -> list:
