@@ -99,7 +99,7 @@ def main() -> None:
     apply_numerics(NATIVE)  # before the backend is imported
 
     from tasks.evaluate import score_predictions
-    from tasks.io import load_model
+    from tasks.model_files import load_model
     from tasks.select_best import rank_checkpoints
     from tasks.train import checkpoint_name, compute_record, fit
 

@@ -16,7 +16,6 @@ from tasks.cli import run_stage
 from tasks.io import (
     DataError,
     atomic_path,
-    load_model,
     read_arrays,
     read_class_names,
     read_json,
@@ -24,6 +23,7 @@ from tasks.io import (
     write_json,
     write_table,
 )
+from tasks.model_files import load_model
 from tasks.params import NumericsParams, Params
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""The only place arrays, JSON, tables and models are written and read.
+"""The only place arrays, JSON and tables are written and read (Keras models: tasks.model_files).
 
 Every writer goes through `atomic_path`: data lands under a temporary name in the
 destination folder and is renamed into place only once complete, so a crash, a kill or
@@ -10,18 +10,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import logging
 import os
 import shutil
 import tempfile
-import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-
-log = logging.getLogger(__name__)
 
 _HASH_CHUNK_BYTES = 1 << 20
 
@@ -69,7 +65,8 @@ def verify_sha256(path: str | Path, expected: str) -> None:
     actual = sha256_file(path)
     if actual != expected:
         raise DataError(
-            f"{path}: sha256 is {actual}, expected {expected}; the file is corrupt or not the one pinned in params"
+            f"{path}: sha256 is {actual}, expected {expected}: "
+            "the file is corrupt, or not the file that hash was taken from"
         )
 
 
@@ -153,79 +150,3 @@ def read_arrays(path: str | Path, expected: tuple[str, ...]) -> dict[str, np.nda
         if isinstance(error, DataError):
             raise
         raise DataError(f"{path}: not a readable .npz array file: {error}") from None
-
-
-_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
-
-
-def _renumber_shared_objects(node, numbering: dict[int, int]):
-    """Replace Keras' `shared_object_id`s (memory addresses) with 1, 2, ... in order of appearance."""
-    if isinstance(node, dict):
-        return {
-            key: numbering.setdefault(value, len(numbering) + 1)
-            if key == "shared_object_id"
-            else _renumber_shared_objects(value, numbering)
-            for key, value in node.items()
-        }
-    if isinstance(node, list):
-        return [_renumber_shared_objects(item, numbering) for item in node]
-    return node
-
-
-def _make_keras_archive_reproducible(path: Path) -> None:
-    """Drop the save time and memory addresses Keras writes into a .keras zip: equal weights, equal bytes.
-
-    DVC hashes checkpoints and the model: without this, a rerun with identical weights
-    would still change their hashes and rerun every stage below train.
-    """
-    with zipfile.ZipFile(path) as archive:
-        members = [(info, archive.read(info)) for info in archive.infolist()]
-    with zipfile.ZipFile(path, "w") as archive:
-        for info, payload in members:
-            if info.filename == "metadata.json":
-                metadata = json.loads(payload)
-                metadata.pop("date_saved", None)
-                payload = json.dumps(metadata).encode()
-            elif info.filename == "config.json":
-                payload = json.dumps(_renumber_shared_objects(json.loads(payload), {})).encode()
-            archive.writestr(zipfile.ZipInfo(info.filename, date_time=_ZIP_EPOCH), payload, info.compress_type)
-
-
-def save_model(path: str | Path, model) -> str:
-    """Save a Keras model atomically, byte-for-byte reproducibly, and return its sha256."""
-    with atomic_path(path, suffix=".keras") as temporary:
-        model.save(temporary)
-        _make_keras_archive_reproducible(temporary)
-        digest = sha256_file(temporary)
-    return digest
-
-
-def load_model(path: str | Path, sha256: str | None = None):
-    """Load a Keras model in safe mode, refusing it first if its sha256 is not `sha256`."""
-    import keras  # deferred: importing TensorFlow takes seconds and most callers need no model
-
-    # tasks.model registers the custom layers the saved models use; tasks.optimizers the optimizer
-    # a checkpoint saves with its state.
-    import tasks.optimizers  # noqa: F401
-    from tasks.model import computes_in, in_float32
-    from tasks.numerics import bf16_runs_here, keep_graph_arithmetic
-
-    keep_graph_arithmetic()  # before the model's first graph
-    if not Path(path).is_file():
-        raise DataError(f"{path}: model file not found (run the train stage first)")
-    if sha256 is not None:
-        verify_sha256(path, sha256)
-    try:
-        model = keras.saving.load_model(path, safe_mode=True)
-    except ValueError as error:
-        if "safe_mode" not in str(error):
-            raise
-        # Safe mode refuses layers that carry code (Lambda): such a file could run anything on load.
-        raise DataError(f"{path}: refused: the model holds code that only loads outside safe mode ({error})") from None
-
-    # A model trained in bfloat16 (native mode) used where bf16 cannot run (no bf16 instructions,
-    # or oneDNN capped below them, as portable mode does): its float32 weights, computed in float32.
-    if computes_in(model) == "bfloat16" and not bf16_runs_here():
-        log.info("%s: trained in bfloat16, which cannot run here: computing in float32", path)
-        model = in_float32(model)
-    return model

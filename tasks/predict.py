@@ -30,7 +30,8 @@ import pandas as pd
 
 from tasks.cli import EXIT_BAD_INPUT, configure_logging, filter_native_stderr
 from tasks.ingest import IMAGE_SUFFIXES, decode_image
-from tasks.io import DataError, atomic_path, load_model, read_class_names, read_json
+from tasks.io import DataError, atomic_path, read_class_names, read_json
+from tasks.model_files import load_model
 from tasks.numerics import apply_numerics
 from tasks.params import DEFAULT_PARAMS_PATH, Params, ParamsError, load_params
 

@@ -28,7 +28,6 @@ from tasks.cli import run_stage, run_tool
 from tasks.io import (
     DataError,
     atomic_path,
-    load_model,
     read_arrays,
     read_class_names,
     read_json,
@@ -36,6 +35,7 @@ from tasks.io import (
     verify_sha256,
     write_json,
 )
+from tasks.model_files import load_model
 from tasks.params import Params, PromoteParams
 
 log = logging.getLogger(__name__)

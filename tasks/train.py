@@ -22,12 +22,12 @@ from tasks.io import (
     read_arrays,
     read_json,
     read_table,
-    save_model,
     sha256_file,
     verify_sha256,
     write_json,
     write_table,
 )
+from tasks.model_files import save_model
 from tasks.numerics import keep_graph_arithmetic, run_precision
 from tasks.params import LookaheadParams, Params, TrainParams
 
@@ -360,8 +360,8 @@ def fit(
     precision: str = "float32",
 ) -> pd.DataFrame:
     """Fit from scratch or from the last completed epoch in `checkpoints`; return the history with sha256s."""
-    from tasks.io import load_model
     from tasks.model import build_model, initialize_from_data
+    from tasks.model_files import load_model
 
     set_up_backend(precision, seed)
     checkpoints.mkdir(parents=True, exist_ok=True)
@@ -420,16 +420,20 @@ def compute_record(train: TrainParams, arrays: dict[str, np.ndarray], num_classe
     )
 
 
-def code_fingerprint() -> str:
-    """sha256 over the source of every module training runs: the train stage's code deps in dvc.yaml."""
-    from tasks import cli, flops, io, model, numerics, optimizers
+def training_code_files() -> list[Path]:
+    """The source of every module training runs: the train stage's code deps in dvc.yaml."""
+    from tasks import cli, flops, io, model, model_files, numerics, optimizers
     from tasks import params as params_module
 
+    modules = (cli, flops, io, model, model_files, numerics, optimizers, params_module)
+    return sorted([Path(__file__), *(Path(module.__file__) for module in modules)])
+
+
+def code_fingerprint() -> str:
+    """sha256 over the source of every module training runs: a resume from other code is refused."""
     digest = hashlib.sha256()
-    modules = (cli, flops, io, model, numerics, optimizers, params_module)
-    for module_file in sorted(Path(module.__file__) for module in modules):
+    for module_file in training_code_files():
         digest.update(module_file.read_bytes())
-    digest.update(Path(__file__).read_bytes())
     return digest.hexdigest()
 
 

@@ -63,11 +63,11 @@ def test_the_lock_is_compiled_from_pyproject_and_pins_each_declared_package():
         assert requirement.specifier.contains(version), f"{requirement.name}=={version} does not satisfy {requirement}"
 
 
-def module_level_imports(module: str) -> set[str]:
-    """The project's `tasks` modules that importing `module` imports at once (module-level statements only)."""
+def project_imports(module: str) -> set[str]:
+    """The project's `tasks` modules that `module` imports anywhere: at the top or inside a function."""
     tree = ast.parse((ROOT / Path(*module.split("."))).with_suffix(".py").read_text())
     found = set()
-    for node in tree.body:
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names if alias.name.split(".")[0] == "tasks"}
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "tasks":
@@ -76,11 +76,16 @@ def module_level_imports(module: str) -> set[str]:
     return found
 
 
+def code_deps(stage: dict) -> set[str]:
+    """The project source files a dvc.yaml stage lists among its deps."""
+    return {dep for dep in stage["deps"] if dep.startswith("tasks/") and dep.endswith(".py")}
+
+
 def test_each_stage_lists_the_project_code_it_imports_in_dvc_yaml():
-    # A module missing from a stage's deps would let `dvc repro` keep outputs made by old code.
-    # Imports inside functions (the backend's, loaded late) are not followed: their stages list them by hand.
+    # A module missing from a stage's deps would let `dvc repro` keep outputs made by old code. Imports
+    # inside functions count too (the backend's, loaded late), whether or not the stage calls that function.
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    missing = {}
+    missing, extra = {}, {}
     for name, stage in stages.items():
         module = re.fullmatch(r"python -m (tasks\.\w+)", stage["cmd"]).group(1)
         imported, pending = set(), [module]
@@ -88,7 +93,16 @@ def test_each_stage_lists_the_project_code_it_imports_in_dvc_yaml():
             current = pending.pop()
             if current not in imported:
                 imported.add(current)
-                pending.extend(module_level_imports(current))
+                pending.extend(project_imports(current))
         files = {f"{item.replace('.', '/')}.py" for item in imported}
-        missing[name] = sorted(files - set(stage["deps"]))
+        missing[name], extra[name] = sorted(files - code_deps(stage)), sorted(code_deps(stage) - files)
     assert missing == {name: [] for name in stages}
+    # A module listed but never imported reruns the stage for nothing.
+    assert extra == {name: [] for name in stages}
+
+
+def test_a_resumed_run_is_refused_after_a_change_to_any_code_the_train_stage_depends_on():
+    from tasks.train import training_code_files
+
+    train_stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["train"]
+    assert {str(path.relative_to(ROOT)) for path in training_code_files()} == code_deps(train_stage)

@@ -146,7 +146,7 @@ def test_precision_follows_the_mode_and_the_cpus_bf16_instructions():
 LOAD_CAPPED = """
 import sys
 import numpy as np
-from tasks.io import load_model
+from tasks.model_files import load_model
 from tasks.model import computes_in
 model = load_model(sys.argv[1])
 print(computes_in(model), model.predict(np.zeros((2, 32, 32, 3), np.uint8), verbose=0).sum())
@@ -233,7 +233,7 @@ from tasks.numerics import apply_numerics
 from tasks.params import NumericsParams, TUTORIAL_TRAIN, TrainParams
 apply_numerics(NumericsParams(mode="portable", threads=2))
 import numpy as np, yaml
-from tasks.io import load_model
+from tasks.model_files import load_model
 from tasks.train import checkpoint_name, fit
 images = np.random.default_rng(0).integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
 labels = np.arange(16) % 4

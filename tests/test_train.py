@@ -29,7 +29,7 @@ def with_train(path, **changes):
 
 def checkpoint_weights(path: Path) -> list:
     """The weights saved in the checkpoint at `path` (load_model wants a sha256; its own is given)."""
-    from tasks.io import load_model
+    from tasks.model_files import load_model
 
     return load_model(path, sha256=sha256_file(path)).get_weights()
 
@@ -78,7 +78,8 @@ def test_validation_crossentropy_is_computed_as_the_test_crossentropy(split_para
     import numpy as np
 
     from tasks.evaluate import score_predictions
-    from tasks.io import load_model, read_arrays
+    from tasks.io import read_arrays
+    from tasks.model_files import load_model
 
     params = with_train(split_params, epochs=1, **SPEED_RECIPE)  # label smoothing 0.2: loss is not cross-entropy
     train.run(params)
@@ -121,7 +122,8 @@ SPEED_RECIPE = {
 def test_speed_recipe_resumes_its_schedule_and_predicts_without_augmenting(split_params, caplog):
     import numpy as np
 
-    from tasks.io import load_model, read_arrays
+    from tasks.io import read_arrays
+    from tasks.model_files import load_model
 
     params = with_train(split_params, epochs=3, **SPEED_RECIPE)
     train.run(params)
@@ -219,7 +221,8 @@ def test_each_epoch_feeds_every_image_once_in_the_order_its_seed_and_number_draw
 
 def test_a_fractional_last_epoch_stops_early_is_validated_and_counted_as_run(split_params):
     from tasks.flops import TRAINING_PASSES
-    from tasks.io import load_model, read_arrays, read_json
+    from tasks.io import read_arrays, read_json
+    from tasks.model_files import load_model
 
     params = with_train(split_params, epochs=1.5, **SPEED_RECIPE)
     train.run(params)
@@ -385,28 +388,6 @@ def test_disk_full_during_a_checkpoint_keeps_earlier_epochs_and_resumes(split_pa
         train.run(params)
     assert "epoch 1 of 3" in caplog.text
     assert pd.read_csv(params.paths.training / "history.csv")["epoch"].tolist() == [1, 2, 3]
-
-
-def test_failed_model_save_leaves_the_previous_file_byte_identical(tmp_path, monkeypatch):
-    import keras
-
-    from tasks.io import save_model
-    from tasks.model import build_model
-
-    model = build_model("tutorial_cnn", (32, 32, 3), 10)
-    target = tmp_path / "model.keras"
-    save_model(target, model)
-    before = target.read_bytes()
-
-    def disk_full(self, filepath, *args, **kwargs):
-        Path(filepath).write_bytes(b"PK partial")
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(keras.Model, "save", disk_full)
-    with pytest.raises(OSError, match="No space left"):
-        save_model(target, model)
-    assert target.read_bytes() == before
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["model.keras"]
 
 
 @pytest.mark.parametrize("tampered", ["epoch-002.keras", "epoch-002.random.json"])

@@ -1,0 +1,91 @@
+"""Keras model files: saved atomically with reproducible bytes, loaded in safe mode after a hash check.
+
+Apart from tasks.io so that the stages that never touch a model (ingest, preprocess, split)
+do not import, and so do not depend in dvc.yaml on, the model code a loaded model needs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import zipfile
+from pathlib import Path
+
+from tasks.io import DataError, atomic_path, sha256_file, verify_sha256
+
+log = logging.getLogger(__name__)
+
+_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+
+
+def _renumber_shared_objects(node, numbering: dict[int, int]):
+    """Replace Keras' `shared_object_id`s (memory addresses) with 1, 2, ... in order of appearance."""
+    if isinstance(node, dict):
+        return {
+            key: numbering.setdefault(value, len(numbering) + 1)
+            if key == "shared_object_id"
+            else _renumber_shared_objects(value, numbering)
+            for key, value in node.items()
+        }
+    if isinstance(node, list):
+        return [_renumber_shared_objects(item, numbering) for item in node]
+    return node
+
+
+def _make_keras_archive_reproducible(path: Path) -> None:
+    """Drop the save time and memory addresses Keras writes into a .keras zip: equal weights, equal bytes.
+
+    DVC hashes checkpoints and the model: without this, a rerun with identical weights
+    would still change their hashes and rerun every stage below train.
+    """
+    with zipfile.ZipFile(path) as archive:
+        members = [(info, archive.read(info)) for info in archive.infolist()]
+    with zipfile.ZipFile(path, "w") as archive:
+        for info, payload in members:
+            if info.filename == "metadata.json":
+                metadata = json.loads(payload)
+                metadata.pop("date_saved", None)
+                payload = json.dumps(metadata).encode()
+            elif info.filename == "config.json":
+                payload = json.dumps(_renumber_shared_objects(json.loads(payload), {})).encode()
+            archive.writestr(zipfile.ZipInfo(info.filename, date_time=_ZIP_EPOCH), payload, info.compress_type)
+
+
+def save_model(path: str | Path, model) -> str:
+    """Save a Keras model atomically, byte-for-byte reproducibly, and return its sha256."""
+    with atomic_path(path, suffix=".keras") as temporary:
+        model.save(temporary)
+        _make_keras_archive_reproducible(temporary)
+        digest = sha256_file(temporary)
+    return digest
+
+
+def load_model(path: str | Path, sha256: str | None = None):
+    """Load a Keras model in safe mode, refusing it first if its sha256 is not `sha256`."""
+    import keras  # deferred: importing TensorFlow takes seconds and most callers need no model
+
+    # tasks.model registers the custom layers the saved models use; tasks.optimizers the optimizer
+    # a checkpoint saves with its state.
+    import tasks.optimizers  # noqa: F401
+    from tasks.model import computes_in, in_float32
+    from tasks.numerics import bf16_runs_here, keep_graph_arithmetic
+
+    keep_graph_arithmetic()  # before the model's first graph
+    if not Path(path).is_file():
+        raise DataError(f"{path}: model file not found (run the train stage first)")
+    if sha256 is not None:
+        verify_sha256(path, sha256)
+    try:
+        model = keras.saving.load_model(path, safe_mode=True)
+    except ValueError as error:
+        if "safe_mode" not in str(error):
+            raise
+        # Safe mode refuses layers that carry code (Lambda): such a file could run anything on load.
+        raise DataError(f"{path}: refused: the model holds code that only loads outside safe mode ({error})") from None
+
+    # A model trained in bfloat16 (native mode) used where bf16 cannot run (no bf16 instructions,
+    # or oneDNN capped below them, as portable mode does): its float32 weights, computed in float32.
+    if computes_in(model) == "bfloat16" and not bf16_runs_here():
+        log.info("%s: trained in bfloat16, which cannot run here: computing in float32", path)
+        model = in_float32(model)
+    return model
