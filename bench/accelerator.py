@@ -99,6 +99,7 @@ def main() -> None:
     apply_numerics(NATIVE)  # before the backend is imported
 
     from tasks.evaluate import score_predictions
+    from tasks.model import predict_in_batches
     from tasks.model_files import load_model
     from tasks.select_best import rank_checkpoints
     from tasks.train import checkpoint_name, compute_record, fit
@@ -140,7 +141,7 @@ def main() -> None:
         best = rank_checkpoints(history, monitor=params.select_best.monitor, mode=params.select_best.mode).iloc[0]
         model = load_model(checkpoints / checkpoint_name(int(best["epoch"])), sha256=str(best["sha256"]))
         predicting = time.perf_counter()
-        probabilities = np.asarray(model.predict(test["x_test"], batch_size=500, verbose=0))
+        probabilities = predict_in_batches(model, test["x_test"], batch_size=500)
         predict_s = time.perf_counter() - predicting
     scores = score_predictions(probabilities, test["y_test"].astype(np.int64), class_names)
     compute = compute_record(train, arrays, len(class_names))

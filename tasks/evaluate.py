@@ -223,7 +223,8 @@ def plot_samples(
 
 def run(params: Params) -> list[Path]:
     """Score the selected model on the test set; write metrics, tables and plots."""
-    from tasks.model import computes_in  # imports Keras: after run_stage has set the numerics
+    # Imports Keras: after run_stage has set the numerics.
+    from tasks.model import computes_in, predict_in_batches
 
     paths = params.paths
     test = read_arrays(paths.prepared / "dataset.npz", ("x_test", "y_test"))
@@ -231,7 +232,7 @@ def run(params: Params) -> list[Path]:
     best = read_json(paths.model / "best.json", required=BEST_KEYS)
     model = load_model(paths.model / "model.keras", sha256=best["sha256"])
     log.info("scoring %s (epoch %d) on %d test images", paths.model / "model.keras", best["epoch"], test["y_test"].size)
-    probabilities = np.asarray(model.predict(test["x_test"], batch_size=500, verbose=0))
+    probabilities = predict_in_batches(model, test["x_test"], batch_size=500)
     if not np.all(np.isfinite(probabilities)):
         raise DataError(f"{paths.model / 'model.keras'}: the model predicts non-finite probabilities")
     scores = score_predictions(probabilities, test["y_test"].astype(np.int64), class_names)

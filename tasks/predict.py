@@ -113,9 +113,11 @@ def prediction_table(names: list[str], probabilities: np.ndarray, class_names: l
 
 def predict_images(model, images: np.ndarray, num_classes: int) -> np.ndarray:
     """Class probabilities for uint8 images, BATCH_SIZE at a time."""
+    from tasks.model import predict_in_batches  # imports Keras: after the numerics are set
+
     if images.shape[0] == 0:
         return np.zeros((0, num_classes))
-    return np.asarray(model.predict(images, batch_size=BATCH_SIZE, verbose=0))
+    return predict_in_batches(model, images, batch_size=BATCH_SIZE)
 
 
 @contextlib.contextmanager

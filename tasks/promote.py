@@ -144,8 +144,10 @@ def fetch_at_revision(root: Path, path: Path, revision: str, destination: Path) 
 
 def predicted_labels(model_path: Path, sha256: str, images: np.ndarray) -> np.ndarray:
     """The class index `model_path` predicts per image, after checking the file is the one recorded."""
+    from tasks.model import predict_in_batches  # imports Keras: after run_stage has set the numerics
+
     model = load_model(model_path, sha256=sha256)
-    return np.asarray(model.predict(images, batch_size=500, verbose=0)).argmax(axis=1)
+    return predict_in_batches(model, images, batch_size=500).argmax(axis=1)
 
 
 def registering_problems(root: Path, params: Params) -> list[str]:

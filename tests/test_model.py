@@ -15,6 +15,7 @@ from tasks.model import (
     build_model,
     initialize_speed_cnn,
     patch_covariance,
+    predict_in_batches,
     symmetric_eigh,
     whitening_kernel,
     whitening_sample,
@@ -228,3 +229,11 @@ def test_batch_norm_and_gelu_closed_form_gradients_match_autodiff_of_their_formu
     assert np.abs(expected_gradient).max() > 0.5  # a gradient worth comparing
     # The batch's statistics still move the running ones (momentum 0.99: 1 % of the batch's).
     np.testing.assert_allclose(norm.moving_mean.numpy(), 0.01 * images.numpy().mean(axis=(0, 1, 2)), rtol=1e-5)
+
+
+def test_predictions_in_batches_are_keras_predict_s_bytes_in_image_order():
+    model = build_model("tutorial_cnn", (32, 32, 3), 10)
+    images = _images(count=7)  # batches of 3: the last one partial
+    batched = predict_in_batches(model, images, batch_size=3)
+    assert batched.shape == (7, 10)
+    assert batched.tobytes() == np.asarray(model.predict(images, batch_size=3, verbose=0)).tobytes()
