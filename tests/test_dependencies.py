@@ -101,7 +101,8 @@ def test_each_stage_lists_the_project_code_it_imports_in_dvc_yaml():
     assert extra == {name: [] for name in stages}
 
 
-def test_a_resumed_run_is_refused_after_a_change_to_any_code_the_train_stage_depends_on():
+def test_the_resume_fingerprint_hashes_exactly_the_train_stage_s_code_deps():
+    # So a killed run starts over after a change to any of them (test_faults shows the start-over).
     from tasks.train import training_code_files
 
     train_stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["train"]
