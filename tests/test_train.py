@@ -46,10 +46,7 @@ def test_rerun_resumes_after_the_last_completed_epoch(split_params, caplog):
     train.run(params)
     checkpoints = params.paths.resume
     first_epoch = (checkpoints / "epoch-001.keras").read_bytes()
-    # As if killed during epoch 3: its checkpoint and history row never landed.
-    (checkpoints / "epoch-003.keras").unlink()
-    history = pd.read_csv(checkpoints / "history.csv")
-    history[history["epoch"] < 3].to_csv(checkpoints / "history.csv", index=False)
+    as_if_killed_during(checkpoints, 3)
     with caplog.at_level(logging.INFO, logger="tasks.train"):
         train.run(params)
     assert "resuming from" in caplog.text and "epoch 2 of 3" in caplog.text
@@ -395,7 +392,7 @@ def test_tampered_checkpoint_or_seed_states_are_refused_on_resume(split_params, 
     params = with_train(split_params, epochs=3, **SPEED_RECIPE)  # random layers: seed states to save
     train.run(params)
     checkpoints = params.paths.resume
-    (checkpoints / "epoch-003.keras").unlink()
+    as_if_killed_during(checkpoints, 3)
     payload = bytearray((checkpoints / tampered).read_bytes())
     # One digit changed: the seed states still parse, and would be used if nothing checked them.
     index = next(i for i in range(len(payload) // 2, len(payload)) if chr(payload[i]).isdigit())
