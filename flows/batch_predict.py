@@ -7,7 +7,10 @@ Each run writes one CSV into RESULTS (atomically: a whole batch or none) with a 
 image: path, sha256 of its content, predicted class, the probability of every class, or why it
 was skipped. An image is new when no batch file in RESULTS holds its sha256, so a renamed or
 copied file is not predicted again and a run that died before writing its batch leaves nothing
-behind that would stop the next run from predicting those images.
+behind that would stop the next run from predicting those images. No file stops a batch: a
+skipped one (unreadable, oversized, a decompression bomb, a link out of INCOMING) is recorded
+with its reason and tried again when its content changes, or when --resize now applies. Run
+once, the exit status is 2 when the batch skipped a file, as for tasks.predict.
 """
 
 from __future__ import annotations
@@ -25,25 +28,47 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 
-from tasks.io import atomic_path
+from tasks.cli import EXIT_BAD_INPUT, filter_native_stderr
+from tasks.io import DataError, atomic_path
 from tasks.numerics import apply_numerics
-from tasks.params import load_params
-from tasks.predict import ImageSource, image_sources, predict_sources, resolve_model
+from tasks.params import ParamsError, load_params
+from tasks.predict import ImageSource, image_sources, predict_sources, prod_revision, resolve_model
 
 log = logging.getLogger("flows.batch_predict")
 
 BATCH_GLOB = "batch-*.csv"
+BATCH_RECORD = ("sha256", "skipped", "resize")  # the columns that say what a batch has done
+
+
+def already_done(batches: list[Path], resize: bool) -> set[str]:
+    """The content keys that the batches hold and that a run with `resize` need not try again."""
+    done: set[str] = set()
+    for batch in batches:
+        table = pd.read_csv(batch, usecols=lambda column: column in BATCH_RECORD, dtype=str, keep_default_na=False)
+        if resize:  # a file skipped without --resize gets another try: resizing may convert it now
+            tried_with_resize = table["resize"] == "True" if "resize" in table else False
+            table = table[(table["skipped"] == "") | tried_with_resize]
+        done.update(table["sha256"])
+    return done
+
+
+def content_key(source: ImageSource) -> tuple[str, str | None]:
+    """(sha256 of the content, or of its stamp when it cannot be read; why it cannot be read, or None)."""
+    try:
+        return hashlib.sha256(source.read()).hexdigest(), None
+    except (DataError, OSError) as error:
+        reason = str(error).removeprefix(f"{source.name}: ")
+        # Unread, so keyed by name and stamp: a change to the file (or its link) gets it tried again.
+        return hashlib.sha256(f"unread\0{source.name}\0{source.stamp}".encode()).hexdigest(), reason
 
 
 @task(cache_policy=NO_CACHE, persist_result=False)
-def unseen_images(incoming: Path, results: Path) -> list[tuple[ImageSource, str]]:
-    """(image, sha256) under `incoming` for each content that no batch in `results` holds, first name first."""
-    seen: set[str] = set()
-    for batch in sorted(results.glob(BATCH_GLOB)):
-        seen.update(pd.read_csv(batch, usecols=["sha256"])["sha256"])
+def unseen_images(incoming: Path, results: Path, resize: bool, max_bytes: int) -> list[tuple[ImageSource, str]]:
+    """(image, content key) under `incoming` for each content that no batch in `results` has done."""
+    seen = already_done(sorted(results.glob(BATCH_GLOB)), resize)
     fresh = []
-    for source in image_sources([incoming]):
-        digest = hashlib.sha256(source.read()).hexdigest()
+    for source in image_sources([incoming], max_bytes):
+        digest, _ = content_key(source)
         if digest not in seen:
             seen.add(digest)
             fresh.append((source, digest))
@@ -56,10 +81,15 @@ def predict_batch(images: list[tuple[ImageSource, str]], root: Path, model: str,
     """Predict `images` and write them, and the skipped ones with their reason, as one new batch file."""
     params = load_params(root / "params.yaml")
     with resolve_model(model, params, root) as predictor:
-        table, skipped = predict_sources([source for source, _ in images], predictor, resize=resize)
+        table, skipped = predict_sources(
+            [source for source, _ in images], predictor, resize=resize, max_pixels=params.predict.max_pixels
+        )
+    for name, why in skipped:
+        log.warning("skipped %s: %s", name, why)
     skipped_rows = pd.DataFrame({"path": [name for name, _ in skipped], "skipped": [why for _, why in skipped]})
     batch = pd.concat([table.assign(skipped=""), skipped_rows], ignore_index=True)
     batch.insert(1, "sha256", batch["path"].map({source.name: digest for source, digest in images}))
+    batch["resize"] = resize
     # Named by time and content: a sorted listing reads in arrival order, and two runs never collide.
     digest = hashlib.sha256("".join(sorted(digest for _, digest in images)).encode()).hexdigest()[:8]
     path = results / f"batch-{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{digest}.csv"
@@ -78,9 +108,10 @@ def predict_batch(images: list[tuple[ImageSource, str]], root: Path, model: str,
 def batch_predict(incoming: str, results: str, model: str = "prod", resize: bool = False, root: str = ".") -> str:
     """Predict the images under `incoming` that no batch in `results` holds; the new batch file ("" if none)."""
     root_path = Path(root).resolve()
+    params = load_params(root_path / "params.yaml")
     # Before TensorFlow is imported in this process: the same numbers as the evaluate stage.
-    apply_numerics(load_params(root_path / "params.yaml").numerics)
-    fresh = unseen_images(Path(incoming).resolve(), Path(results).resolve())
+    apply_numerics(params.numerics)
+    fresh = unseen_images(Path(incoming).resolve(), Path(results).resolve(), resize, params.predict.max_file_bytes)
     if not fresh:
         return ""
     return str(predict_batch(fresh, root_path, model, resize, Path(results).resolve()))
@@ -96,6 +127,7 @@ def main() -> None:
     parser.add_argument("--serve", action="store_true", help="serve as a deployment on --cron instead of running once")
     parser.add_argument("--cron", default="*/15 * * * *", help="schedule with --serve (default: every 15 minutes)")
     arguments = parser.parse_args()
+    filter_native_stderr()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parameters = {
         "incoming": str(Path(arguments.incoming).resolve()),
@@ -105,8 +137,16 @@ def main() -> None:
         "root": str(Path.cwd()),
     }
     if not arguments.serve:
-        batch_predict(**parameters)
-        sys.exit(0)
+        try:
+            if arguments.model == "prod":  # before the flow: a missing prod is bad input, not a failed task
+                prod_revision(load_params("params.yaml"), Path.cwd())
+            batch = batch_predict(**parameters)
+        except (ParamsError, DataError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(EXIT_BAD_INPUT)
+        # As tasks.predict: exit 2 when this batch skipped a file (each is logged with its reason).
+        skipped = batch and (pd.read_csv(batch, usecols=["skipped"], keep_default_na=False)["skipped"] != "").any()
+        sys.exit(EXIT_BAD_INPUT if skipped else 0)
     deployment = batch_predict.to_deployment(
         name="batch",
         cron=arguments.cron,

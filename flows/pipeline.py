@@ -14,15 +14,12 @@ Exit status: 0 done; 2 bad input (params or data; the stage's message says which
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import os
 import re
 import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,13 +28,13 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows import stage_command_environment
-from tasks.cli import EXIT_BAD_INPUT
+from tasks.cli import EXIT_BAD_INPUT, EXIT_BUSY
 from tasks.ingest import RESTORE_HINT, fetch_source, source_pointer
-from tasks.io import DataError, read_json
+from tasks.io import DataError, WorkspaceBusyError, read_json
 from tasks.params import DEFAULT_PARAMS_PATH, ParamsError, flatten_params, load_params
+from tasks.workspace import LOCK_FD_VARIABLE, exclusive_workspace
 
 STAGES = ("ingest", "preprocess", "split", "train", "select_best", "evaluate")
-EXIT_BUSY = 75  # EX_TEMPFAIL: nothing is wrong with the inputs; the same run later will work
 
 # A DVC lock held by someone else (a user's `dvc status` at 02:00) goes away by itself:
 # retry the stage after these pauses. A stage's own failure is never retried.
@@ -52,31 +49,13 @@ class StageBadInputError(StageFailedError):
     """A stage refused its input (exit 2): the params or data need fixing, not a rerun."""
 
 
-class PipelineBusyError(RuntimeError):
-    """Another flow run, or another DVC process, holds this workspace."""
+class PipelineBusyError(WorkspaceBusyError):
+    """Another DVC process holds this workspace's repository lock."""
 
 
 # How DVC reports a stage command's exit status, e.g. "failed to run: python -m tasks.train, exited with 2".
 _STAGE_EXIT = re.compile(r"failed to run: .*, exited with (-?\d+)")
 _DVC_LOCKED = "Unable to acquire lock"
-
-
-@contextlib.contextmanager
-def exclusive_workspace(root: Path) -> Iterator[None]:
-    """Hold an exclusive lock on the workspace for one flow run; refuse at once if another holds it.
-
-    flock is released by the kernel when the process dies, even by SIGKILL: no stale locks.
-    """
-    lock_path = root / ".dvc" / "tmp" / "flow.lock"
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise PipelineBusyError(
-                f"{lock_path}: another pipeline run is in progress in {root}; try again when it has finished"
-            ) from None
-        yield
 
 
 @dataclass(frozen=True)
@@ -204,13 +183,15 @@ PIPELINE = tuple(_stage_task(stage) for stage in STAGES)
 
 
 @task(name="promote", cache_policy=NO_CACHE, persist_result=False)
-def promote_challenger(root: Path) -> dict:
+def promote_challenger(root: Path, lock_fd: int) -> dict:
     """Run the promotion gate (`python -m tasks.promote`) on the evaluated workspace; publish its decision."""
     logger = get_run_logger()
     result = subprocess.run(
         [sys.executable, "-m", "tasks.promote"],
         cwd=root,
-        env=stage_command_environment(),
+        # The gate runs under this run's workspace lock, shared with it: no other run can land between.
+        env=stage_command_environment() | {LOCK_FD_VARIABLE: str(lock_fd)},
+        pass_fds=(lock_fd,),
         capture_output=True,
         text=True,
     )
@@ -239,12 +220,12 @@ def cifar10_pipeline(root: str = ".", promote: bool = False) -> list[StageOutcom
     params = load_params(root_path / DEFAULT_PARAMS_PATH)  # bad params fail the run before any work
     outcomes: list[StageOutcome] = []
     try:
-        with exclusive_workspace(root_path):
+        with exclusive_workspace(root_path) as lock_fd:
             ensure_source(root_path, params.ingest)
             for stage_task in PIPELINE:
                 outcomes.append(stage_task(root_path))
             if promote:
-                promote_challenger(root_path)
+                promote_challenger(root_path, lock_fd)
     except Exception as error:
         # A failed run still says what it did and where it stopped, in the same artifact.
         publish_failure(outcomes, error)
@@ -400,7 +381,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         cifar10_pipeline(promote=arguments.promote)
-    except (ParamsError, DataError, StageFailedError, PipelineBusyError) as error:
+    except (ParamsError, DataError, StageFailedError, WorkspaceBusyError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(exit_status(error))
 
@@ -409,7 +390,7 @@ def exit_status(error: Exception) -> int:
     """The flow command's exit status for an error: 2 bad input, 75 busy, 1 any other failure."""
     if isinstance(error, ParamsError | DataError | StageBadInputError):
         return EXIT_BAD_INPUT
-    return EXIT_BUSY if isinstance(error, PipelineBusyError) else 1
+    return EXIT_BUSY if isinstance(error, WorkspaceBusyError) else 1
 
 
 if __name__ == "__main__":

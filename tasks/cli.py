@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from tasks.io import DataError
+from tasks.io import DataError, WorkspaceBusyError
 from tasks.numerics import apply_numerics
 from tasks.params import DEFAULT_PARAMS_PATH, Params, ParamsError, load_params
 
@@ -21,6 +21,7 @@ StageRun = Callable[[Params], list[Path]]
 
 # Exit status for bad input (params or data), told apart from crashes (1) for callers.
 EXIT_BAD_INPUT = 2
+EXIT_BUSY = 75  # EX_TEMPFAIL: nothing is wrong with the inputs; the same command later will work
 
 
 # TensorFlow's native start-up lines that report no problem: INFO/WARNING lines written before
@@ -75,8 +76,15 @@ def configure_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
-def run_stage(commands: StageRun | Mapping[str, StageRun], description: str | None) -> None:
-    """Parse `--params` (and `--<command>` flags), run the stage, exit 2 with one clear line on bad input."""
+def run_stage(
+    commands: StageRun | Mapping[str, StageRun],
+    description: str | None,
+    options: Mapping[str, tuple[str, str]] | None = None,
+) -> None:
+    """Parse `--params` (and `--<command>` flags), run the stage, exit 2 with one clear line on bad input.
+
+    `options` are text options ({name: (command, help)}) passed to that command as keyword arguments.
+    """
     if callable(commands):
         commands = {"run": commands}
     parser = argparse.ArgumentParser(description=(description or "").splitlines()[0])
@@ -84,8 +92,11 @@ def run_stage(commands: StageRun | Mapping[str, StageRun], description: str | No
     for name, command in commands.items():
         if name != "run":
             parser.add_argument(f"--{name}", action="store_true", help=(command.__doc__ or "").splitlines()[0])
+    for name, (_, text) in (options or {}).items():
+        parser.add_argument(f"--{name}", default="", help=text)
     arguments = parser.parse_args()
     chosen = next((name for name in commands if name != "run" and getattr(arguments, name)), "run")
+    extra = {name: getattr(arguments, name) for name, (command, _) in (options or {}).items() if command == chosen}
     filter_native_stderr()
     configure_logging()
     # Hide TensorFlow's C++ INFO/WARNING banners (CUDA probing, oneDNN notes); errors still show.
@@ -94,9 +105,12 @@ def run_stage(commands: StageRun | Mapping[str, StageRun], description: str | No
         params = load_params(arguments.params)
         # Before TensorFlow is first imported: oneDNN reads its settings once.
         apply_numerics(params.numerics)
-        written = commands[chosen](params)
+        written = commands[chosen](params, **extra)
     except (ParamsError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
+    except WorkspaceBusyError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(EXIT_BUSY)
     for path in written:
         logging.getLogger("tasks").info("wrote %s", path)

@@ -22,7 +22,7 @@ from PIL import Image, UnidentifiedImageError
 
 from tasks.cli import run_stage, run_tool
 from tasks.io import DataError, atomic_path, sha256_file, verify_sha256, write_arrays, write_json
-from tasks.params import IngestParams, Params
+from tasks.params import IngestParams, Params, PredictParams
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,10 @@ CIFAR10_TRAIN_MEMBERS = tuple(f"data_batch_{index}.bin" for index in range(1, 6)
 CIFAR10_TEST_MEMBER = "test_batch.bin"
 CIFAR10_META_MEMBER = "batches.meta.txt"
 RAW_ARRAYS = ("x_train", "y_train", "x_test", "y_test")
+# What one image may cost before it is decoded: its file (or zip member) size, and the pixels its
+# header claims (16.7 M pixels by default, 50 MB as RGB; Pillow's own bomb limit is 179 M).
+MAX_IMAGE_BYTES = PredictParams().max_file_bytes
+MAX_IMAGE_PIXELS = PredictParams().max_pixels
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,11 @@ def _zip_members(archive: zipfile.ZipFile, source: Path) -> Iterator[ImageFile]:
         if info.filename in seen:
             raise DataError(f"{source}: member {info.filename!r} appears twice; refusing the archive")
         seen.add(info.filename)
+        if info.file_size > MAX_IMAGE_BYTES:
+            raise DataError(
+                f"{source}: member {info.filename!r} is {info.file_size:,} bytes uncompressed, more than the "
+                f"{MAX_IMAGE_BYTES:,} an image may have; refusing the archive"
+            )
         located = _classify_member(path)
         if located is None:
             log.debug("ignoring %s: not split/class/image", info.filename)
@@ -96,12 +105,24 @@ def _directory_members(root: Path) -> Iterator[ImageFile]:
             yield ImageFile(*located, read=path.read_bytes)
 
 
-def decode_image(payload: bytes, image_size: int, origin: str, *, resize: bool = False) -> np.ndarray:
+def decode_image(
+    payload: bytes, image_size: int, origin: str, *, resize: bool = False, max_pixels: int = MAX_IMAGE_PIXELS
+) -> np.ndarray:
     """Decode a PNG/JPEG to uint8 (size, size, 3); other sizes or modes are refused, or converted with `resize`."""
     try:
         with Image.open(io.BytesIO(payload)) as image:
+            # The header's size, before a pixel is decoded: a 1.2 MB PNG can claim 20000x20000.
+            width, height = image.size
+            if width * height > max_pixels:
+                raise DataError(
+                    f"{origin}: decompression bomb: the header claims {width}x{height} pixels, "
+                    f"more than the {max_pixels:,} allowed"
+                )
             image.load()
             if resize and (image.mode != "RGB" or image.size != (image_size, image_size)):
+                # 16-bit greyscale has no direct RGB conversion: scale it to 8 bits first.
+                if image.mode.startswith("I;16") or image.mode == "I":
+                    image = image.point(lambda value: value / 256).convert("L")
                 image = image.convert("RGB").resize((image_size, image_size), Image.Resampling.BICUBIC)
             if image.mode != "RGB":
                 raise DataError(f"{origin}: image mode is {image.mode}, expected RGB")
@@ -110,8 +131,16 @@ def decode_image(payload: bytes, image_size: int, origin: str, *, resize: bool =
                     f"{origin}: image is {image.size[0]}x{image.size[1]}, expected {image_size}x{image_size}"
                 )
             return np.asarray(image, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        raise DataError(f"{origin}: cannot decode image: {error}") from None
+    except DataError:
+        raise
+    except Image.DecompressionBombError as error:  # Pillow's own limit, checked as the file is opened
+        raise DataError(f"{origin}: decompression bomb: {error}") from None
+    except UnidentifiedImageError:
+        raise DataError(f"{origin}: cannot decode image: not a PNG or JPEG file") from None
+    except Exception as error:
+        # Pillow's decoders raise OSError, SyntaxError, ValueError, struct.error, EOFError, ... on
+        # hostile or broken bytes: whichever it is, this one file cannot be decoded.
+        raise DataError(f"{origin}: cannot decode image: {error or type(error).__name__}") from None
 
 
 def assemble_image_folder(

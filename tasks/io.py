@@ -26,6 +26,10 @@ class DataError(ValueError):
     """An input file is missing, corrupt or not what the stage expected."""
 
 
+class WorkspaceBusyError(RuntimeError):
+    """Another flow run or promotion (or another DVC process) holds this workspace: try again later."""
+
+
 def current_umask() -> int:
     """The process's umask (reading it means setting it, so it is set straight back)."""
     mask = os.umask(0)

@@ -226,8 +226,19 @@ class NumericsParams(_Section):
 class PromoteParams(_Section):
     # Smallest gain in test accuracy (a fraction: 0.005 is half a point) worth replacing prod's model.
     min_gain: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)] = 0.005
-    # Significance level of the exact McNemar test on the two models' paired test predictions.
+    # Significance level of the one-sided exact McNemar test (is the challenger better?) on the
+    # two models' paired test predictions.
     alpha: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] = 0.05
+    # The git remote the registry lives in: promotions push their branch and GTO tags there, and
+    # every reader of `prod` fetches the tags from it first, so every clone sees one registry.
+    remote: Annotated[str, Field(min_length=1)] = "origin"
+
+
+class PredictParams(_Section):
+    # Largest image file or zip member that predict reads: a bigger one is skipped unread.
+    max_file_bytes: PositiveInt = 16 * 2**20
+    # Most pixels an image's header may claim: more is skipped as a decompression bomb before decoding.
+    max_pixels: PositiveInt = 4096 * 4096
 
 
 class Params(_Section):
@@ -239,6 +250,7 @@ class Params(_Section):
     train: TrainParams
     select_best: SelectBestParams
     promote: PromoteParams = PromoteParams()
+    predict: PredictParams = PredictParams()
 
 
 def _describe(error: dict) -> str:

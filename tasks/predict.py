@@ -6,9 +6,10 @@ PATH: image files (PNG, JPEG), folders of them (searched recursively) or zips of
 is the workspace's evaluated one (default), the registry's `prod` version, or the one of any git
 revision (fetched through DVC, never a stale local copy); its sha256 is checked before it is
 loaded in safe mode. Images that are not RGB of the training size are refused unless --resize;
-unreadable files are listed with their reason and the rest are still predicted. Exit status 2
-when any file was skipped. Images are decoded and predicted --chunk at a time, so memory does not
-grow with their number.
+unreadable, oversized (predict.max_file_bytes), bomb-sized (predict.max_pixels) and hostile files
+(symbolic links out of their folder, zip members named '..' or absolute) are listed with their
+reason, never fatal: the rest are still predicted. Exit status 2 when any file was skipped.
+Images are decoded and predicted --chunk at a time, so memory does not grow with their number.
 """
 
 from __future__ import annotations
@@ -21,15 +22,16 @@ import sys
 import tempfile
 import time
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pandas as pd
 
 from tasks.cli import EXIT_BAD_INPUT, configure_logging, filter_native_stderr
-from tasks.ingest import IMAGE_SUFFIXES, decode_image
+from tasks.ingest import IMAGE_SUFFIXES, MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, decode_image
 from tasks.io import DataError, atomic_path, read_class_names, read_json
 from tasks.model_files import load_model
 from tasks.numerics import apply_numerics
@@ -46,7 +48,8 @@ CHUNK_IMAGES = 8 * BATCH_SIZE
 @dataclass(frozen=True)
 class ImageSource:
     name: str  # the path as the user will recognise it: a file, or zip path + "!" + member
-    read: Callable[[], bytes]
+    read: Callable[[], bytes]  # its bytes, or DataError/OSError saying why it cannot be read
+    stamp: str = ""  # size and time (or CRC) without reading it: tells a changed file that cannot be read
 
 
 @dataclass(frozen=True)
@@ -57,28 +60,92 @@ class Predictor:
     image_size: int
 
 
-def image_sources(paths: list[Path]) -> Iterator[ImageSource]:
-    """Every image named by `paths`: files as given, folders recursively, zip members; in a stable order."""
+def refusal(name: str, reason: str) -> Callable[[], bytes]:
+    """A `read` that refuses: the file is listed, and skipped with `reason`, never opened."""
+
+    def read() -> bytes:
+        raise DataError(f"{name}: {reason}")
+
+    return read
+
+
+def image_sources(paths: list[Path], max_bytes: int = MAX_IMAGE_BYTES) -> Iterator[ImageSource]:
+    """Every image named by `paths`: files as given, folders recursively, zip members; in a stable order.
+
+    Nothing hostile is opened: a symbolic link out of its folder, a file or member over `max_bytes`,
+    a member with an absolute or '..' name, or an encrypted one is listed with a reading that refuses.
+    """
     for path in paths:
         if path.is_dir():
+            inside = path.resolve()
             for file in sorted(item for item in path.rglob("*") if item.is_file()):
-                if file.suffix.lower() in IMAGE_SUFFIXES or zipfile.is_zipfile(file):
-                    yield from image_sources([file])
+                if not file.resolve().is_relative_to(inside):
+                    target = file.resolve()
+                    yield ImageSource(
+                        str(file),
+                        refusal(str(file), f"a symbolic link out of {path} (to {target})"),
+                        stamp=f"link:{target}",
+                    )
+                elif file.suffix.lower() in IMAGE_SUFFIXES or zipfile.is_zipfile(file):
+                    yield from image_sources([file], max_bytes)
         elif path.suffix.lower() == ".zip" and zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as archive:
-                members = sorted(info.filename for info in archive.infolist() if not info.is_dir())
-            for member in members:
-                if Path(member).suffix.lower() in IMAGE_SUFFIXES:
-                    yield ImageSource(f"{path}!{member}", lambda path=path, member=member: _read_member(path, member))
+            yield from _zip_sources(path, max_bytes)
         else:
-            yield ImageSource(str(path), path.read_bytes)  # a missing file is reported when read
+            yield ImageSource(str(path), functools.partial(_read_file, path, max_bytes), stamp=_file_stamp(path))
+
+
+def _zip_sources(path: Path, max_bytes: int) -> Iterator[ImageSource]:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = sorted((info for info in archive.infolist() if not info.is_dir()), key=lambda i: i.filename)
+    except (zipfile.BadZipFile, OSError) as error:
+        yield ImageSource(str(path), refusal(str(path), f"not a readable zip archive: {error}"), _file_stamp(path))
+        return
+    for info in members:
+        if Path(info.filename).suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        name, stamp = f"{path}!{info.filename}", f"{info.CRC:08x}:{info.file_size}"
+        member = PurePosixPath(info.filename)
+        if member.is_absolute() or ".." in member.parts:
+            yield ImageSource(name, refusal(name, "an absolute or '..' name in the archive"), stamp)
+        elif info.flag_bits & 0x1:
+            yield ImageSource(name, refusal(name, "encrypted in the archive"), stamp)
+        elif info.file_size > max_bytes:
+            yield ImageSource(name, refusal(name, _too_big(info.file_size, max_bytes)), stamp)
+        else:
+            yield ImageSource(name, functools.partial(_read_member, path, info.filename), stamp)
+
+
+def _too_big(size: int, max_bytes: int) -> str:
+    return f"{size:,} bytes, more than predict.max_file_bytes = {max_bytes:,}"
+
+
+def _file_stamp(path: Path) -> str:
+    try:
+        status = path.stat()
+    except OSError:
+        return ""
+    return f"{status.st_size}:{status.st_mtime_ns}"
+
+
+def _read_file(path: Path, max_bytes: int) -> bytes:
+    # Read at most one byte past the cap: a file that grows, or lies in its size, is not read whole.
+    with open(path, "rb") as file:
+        payload = file.read(max_bytes + 1)
+    if len(payload) > max_bytes:
+        raise DataError(f"{path}: {_too_big(path.stat().st_size, max_bytes)}")
+    return payload
 
 
 def _read_member(archive: Path, member: str) -> bytes:
     # Opening a zip parses its whole central directory (0.3 s for CIFAR-10's 60,000 members):
     # once per archive, not once per member. Keyed by its stat too, so a replaced zip is reopened.
     stat = archive.stat()
-    return _open_archive(archive, stat.st_mtime_ns, stat.st_size).read(member)
+    try:
+        # zipfile stops at the member's declared size (checked against the cap) and checks its CRC.
+        return _open_archive(archive, stat.st_mtime_ns, stat.st_size).read(member)
+    except (zipfile.BadZipFile, RuntimeError, NotImplementedError, EOFError, zlib.error) as error:
+        raise DataError(f"{archive}!{member}: cannot read it from the archive: {error}") from None
 
 
 @functools.lru_cache(maxsize=4)
@@ -87,13 +154,13 @@ def _open_archive(archive: Path, mtime_ns: int, size: int) -> zipfile.ZipFile:
 
 
 def decode_sources(
-    sources: list[ImageSource], image_size: int, *, resize: bool
+    sources: list[ImageSource], image_size: int, *, resize: bool, max_pixels: int = MAX_IMAGE_PIXELS
 ) -> tuple[list[str], np.ndarray, list[tuple[str, str]]]:
     """(names, uint8 images, skipped (name, reason)): every source decoded, or skipped with the reason why."""
     names, images, skipped = [], [], []
     for source in sources:
         try:
-            images.append(decode_image(source.read(), image_size, source.name, resize=resize))
+            images.append(decode_image(source.read(), image_size, source.name, resize=resize, max_pixels=max_pixels))
             names.append(source.name)
         except DataError as error:
             skipped.append((source.name, str(error).removeprefix(f"{source.name}: ")))
@@ -120,10 +187,20 @@ def predict_images(model, images: np.ndarray, num_classes: int) -> np.ndarray:
     return predict_in_batches(model, images, batch_size=BATCH_SIZE)
 
 
+def prod_revision(params: Params, root: Path) -> str:
+    """The commit of the registry's `prod` version, as its remote has it; DataError when none is in prod."""
+    from tasks.promote import champion_version
+
+    champion = champion_version(root, params.promote.remote)
+    if champion is None:
+        raise DataError("--model prod: no version of the model is in prod yet (python -m tasks.promote)")
+    return champion["commit_hexsha"]
+
+
 @contextlib.contextmanager
 def resolve_model(choice: str, params: Params, root: Path) -> Iterator[Predictor]:
     """The model `choice` names (workspace, prod or a git revision), fetched into a temporary folder if needed."""
-    from tasks.promote import champion_version, fetch_at_revision
+    from tasks.promote import fetch_at_revision
 
     size = params.ingest.image_size
     report = params.paths.prepared / "report.json"
@@ -134,10 +211,7 @@ def resolve_model(choice: str, params: Params, root: Path) -> Iterator[Predictor
         return
     revision = choice
     if choice == "prod":
-        champion = champion_version(root)
-        if champion is None:
-            raise DataError("--model prod: no version of the model is in prod yet (python -m tasks.promote)")
-        revision = champion["commit_hexsha"]
+        revision = prod_revision(params, root)
     with tempfile.TemporaryDirectory() as scratch:
         folder = fetch_at_revision(root, params.paths.model, revision, Path(scratch) / "model")
         fetched_report = fetch_at_revision(root, report, revision, Path(scratch) / "report.json")
@@ -147,7 +221,12 @@ def resolve_model(choice: str, params: Params, root: Path) -> Iterator[Predictor
 
 
 def predict_sources(
-    sources: list[ImageSource], predictor: Predictor, *, resize: bool, chunk: int = CHUNK_IMAGES
+    sources: list[ImageSource],
+    predictor: Predictor,
+    *,
+    resize: bool,
+    chunk: int = CHUNK_IMAGES,
+    max_pixels: int = MAX_IMAGE_PIXELS,
 ) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
     """Decode and predict `sources`, `chunk` at a time; (the prediction table, the skipped files with reasons)."""
     model = load_model(predictor.model_path, sha256=predictor.sha256)
@@ -156,7 +235,9 @@ def predict_sources(
     decoding = predicting = 0.0
     for start in range(0, len(sources), chunk):
         started = time.perf_counter()
-        names, images, refused = decode_sources(sources[start : start + chunk], predictor.image_size, resize=resize)
+        names, images, refused = decode_sources(
+            sources[start : start + chunk], predictor.image_size, resize=resize, max_pixels=max_pixels
+        )
         decoded = time.perf_counter()
         tables.append(prediction_table(names, predict_images(model, images, num_classes), predictor.class_names))
         skipped += refused
@@ -205,8 +286,10 @@ def main() -> None:
         apply_numerics(params.numerics)  # before TensorFlow is imported: the same numbers as evaluate
         with resolve_model(arguments.model, params, Path.cwd()) as predictor:
             log.info("model %s: %s (sha256 %s)", arguments.model, predictor.model_path.name, predictor.sha256[:12])
-            sources = list(image_sources(arguments.paths))
-            table, skipped = predict_sources(sources, predictor, resize=arguments.resize, chunk=arguments.chunk)
+            sources = list(image_sources(arguments.paths, params.predict.max_file_bytes))
+            table, skipped = predict_sources(
+                sources, predictor, resize=arguments.resize, chunk=arguments.chunk, max_pixels=params.predict.max_pixels
+            )
     except (ParamsError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)

@@ -33,6 +33,10 @@ from tests.conftest import DVC, FLOW, edit_params, project_environment, ran_stag
 #   callback list is patched: the stage module runs as __main__, so it cannot be patched by name).
 # - FAULT_BEFORE_STATUS=<stage>:<marker>: before DVC's Repo.status(targets=[stage]) takes the
 #   repository lock, create <marker> and wait until <marker>.released exists (once).
+# - FAULT_AT_TOOL=<text> FAULT_WHEN=before|after|during|pause: when tasks.cli.run_tool runs a command
+#   line holding <text> (promote's git, gto and dvc calls), SIGKILL this process before it starts,
+#   after it succeeded, or while it runs (the command's process killed with it); or hold still
+#   FAULT_PAUSE_S seconds before it starts.
 FAULT_HOOKS = """
 import os, signal, sys, time
 
@@ -43,6 +47,7 @@ rename_target = os.environ.get("FAULT_AT_RENAME")
 mid_write = os.environ.get("FAULT_MID_WRITE")
 at_batch = os.environ.get("FAULT_AT_BATCH")
 before_status = os.environ.get("FAULT_BEFORE_STATUS")
+at_tool = os.environ.get("FAULT_AT_TOOL")
 
 if mid_write:
     import zipfile
@@ -61,13 +66,14 @@ if mid_write:
 
     zipfile.ZipFile.writestr = writestr
 
-if rename_target or at_batch or before_status:
+if rename_target or at_batch or before_status or at_tool:
     import importlib.abc, importlib.util
 
     class _Patch(importlib.abc.MetaPathFinder):
         wanted = {"tasks.io"} if rename_target else set()
         wanted |= {"keras.src.callbacks.callback_list"} if at_batch else set()
         wanted |= {"dvc.repo"} if before_status else set()
+        wanted |= {"tasks.cli"} if at_tool else set()
 
         def find_spec(self, name, path=None, target_=None):
             if name not in self.wanted:
@@ -80,7 +86,7 @@ if rename_target or at_batch or before_status:
 
             def exec_module(module):
                 original_exec(module)
-                patches = {"tasks.io": _patch_io, "dvc.repo": _patch_dvc_repo}
+                patches = {"tasks.io": _patch_io, "dvc.repo": _patch_dvc_repo, "tasks.cli": _patch_run_tool}
                 patches.get(name, _patch_callbacks)(module)
 
             spec.loader.exec_module = exec_module
@@ -139,6 +145,31 @@ if rename_target or at_batch or before_status:
             return real_status(self, *args, **kwargs)
 
         module.Repo.status = status
+
+    def _patch_run_tool(module):
+        import subprocess
+
+        real_run_tool = module.run_tool
+        when = os.environ.get("FAULT_WHEN", "after")
+
+        def run_tool(arguments, cwd, **kwargs):
+            if at_tool not in " ".join(map(str, arguments)):
+                return real_run_tool(arguments, cwd, **kwargs)
+            if when == "before":
+                _die()
+            if when == "pause":
+                time.sleep(float(os.environ.get("FAULT_PAUSE_S", "20")))
+            if when == "during":
+                child = subprocess.Popen(arguments, cwd=cwd, env=kwargs.get("environment"))
+                time.sleep(0.05)
+                child.kill()
+                _die()
+            result = real_run_tool(arguments, cwd, **kwargs)
+            if when == "after":
+                _die()
+            return result
+
+        module.run_tool = run_tool
 
     sys.meta_path.insert(0, _Patch())
 """
@@ -297,7 +328,7 @@ def test_two_flows_at_once_one_refuses_cleanly(project):
     first_output, _ = first.communicate(timeout=600)
     assert first.returncode == 0, first_output
     assert second.returncode == 75  # busy: the same run later will work
-    assert "another pipeline run is in progress" in second.stderr + second.stdout
+    assert "another pipeline run or promotion is in progress" in second.stderr + second.stdout
     assert "up to date" in run_command([*DVC, "status"], project).stdout
     yaml.safe_load((project / "dvc.lock").read_text())
 

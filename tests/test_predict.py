@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import sys
 import zipfile
@@ -11,7 +12,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from tests.conftest import run_command
+from tests.conftest import edit_params, run_command
 
 PREDICT = [sys.executable, "-m", "tasks.predict"]
 FLOW = [sys.executable, "-m", "flows.batch_predict"]
@@ -116,7 +117,7 @@ def test_batch_flow_predicts_each_file_once(project, prefect_api):
     shutil.copy(project / "source/test/circle/0000.png", incoming / "same-content.png")
     (incoming / "broken.png").write_bytes(b"not an image")
     batch = [*FLOW, "incoming", "--out", "results", "--model", "workspace"]
-    run_command(batch, project)
+    assert run_command(batch, project, check=False).returncode == 2  # broken.png skipped, the rest predicted
     (first,) = sorted((project / "results").glob("batch-*.csv"))
     table = pd.read_csv(first, keep_default_na=False)
     assert sorted(Path(path).name for path in table["path"]) == [
@@ -133,3 +134,110 @@ def test_batch_flow_predicts_each_file_once(project, prefect_api):
     run_command(batch, project)
     second = next(path for path in (project / "results").glob("batch-*.csv") if path != first)
     assert [Path(path).name for path in pd.read_csv(second)["path"]] == ["cross.png"]
+
+
+def png_header_claiming(width: int, height: int) -> bytes:
+    """A small PNG whose header claims width x height RGB pixels (a decompression bomb's shape), data truncated."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = zlib.compress(b"\0" * (1 + 3 * width) * 64, 9)  # the first 64 rows of black
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
+
+
+def hostile_folder(project: Path) -> dict[str, str]:
+    """incoming/ with good images and every kind of hostile one; {file name: the reason it must be skipped for}."""
+    incoming = project / "incoming"
+    incoming.mkdir()
+    for name in ("0000", "0001"):
+        shutil.copy(project / f"source/test/square/{name}.png", incoming / f"good-{name}.png")
+    (incoming / "bomb.png").write_bytes(png_header_claiming(20000, 20000))  # past Pillow's own limit
+    (incoming / "tall.png").write_bytes(png_header_claiming(32, 600_000))  # under Pillow's, over ours
+    good = (project / "source/test/cross/0000.png").read_bytes()
+    (incoming / "truncated.png").write_bytes(good[: len(good) // 2])
+    colour = Image.open(project / "source/test/cross/0001.png")
+    for mode, name in (("RGBA", "rgba"), ("P", "palette"), ("L", "grey")):
+        colour.convert(mode).save(incoming / f"{name}.png")
+    Image.fromarray(np.asarray(colour.convert("L"), np.uint16) * 200).save(incoming / "sixteen-bit.png")
+    noise = np.random.default_rng(0).integers(0, 256, (300, 300, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(incoming / "huge-file.png")  # 270 kB: over the test's max_file_bytes
+    outside = project.parent / "outside.png"
+    shutil.copy(project / "source/test/circle/0000.png", outside)
+    (incoming / "link.png").symlink_to(outside)
+    with zipfile.ZipFile(incoming / "batch.zip", "w") as archive:
+        archive.writestr("inner.png", good)
+        archive.writestr("../escape.png", good)
+        archive.writestr("/absolute.png", good)
+    return {
+        "bomb.png": "decompression bomb",
+        "tall.png": "decompression bomb: the header claims 32x600000 pixels",
+        "truncated.png": "cannot decode image",
+        "rgba.png": "image mode is RGBA, expected RGB",
+        "palette.png": "image mode is P, expected RGB",
+        "grey.png": "image mode is L, expected RGB",
+        "sixteen-bit.png": "image mode is I",
+        "huge-file.png": "more than predict.max_file_bytes = 100,000",
+        "link.png": "a symbolic link out of incoming",
+        "batch.zip!../escape.png": "an absolute or '..' name in the archive",
+        "batch.zip!/absolute.png": "an absolute or '..' name in the archive",
+    }
+
+
+def skipped_lines(stderr: str) -> dict[str, str]:
+    """{file name under incoming/: reason} from the `skipped PATH: reason` lines a command printed."""
+    found = re.findall(r"skipped (\S*incoming/)(\S+): (.*)$", stderr, re.MULTILINE)
+    return {name: reason for _, name, reason in found}
+
+
+def test_hostile_images_are_skipped_with_their_reason_and_the_rest_predicted(project, prefect_api):
+    edit_params(project, "predict", max_file_bytes=100_000)
+    expected = hostile_folder(project)
+    predict = [*PREDICT, "incoming", "--out", "out.csv"]
+    result = run_command(["/usr/bin/time", "-f", "peak %M KiB", *predict], project, check=False)
+    assert result.returncode == 2, result.stderr
+    skipped = skipped_lines(result.stderr)
+    assert skipped.keys() == expected.keys(), skipped
+    for name, reason in expected.items():
+        assert reason in skipped[name], (name, skipped[name])
+    predicted = pd.read_csv(project / "out.csv")["path"].tolist()
+    assert predicted == ["incoming/batch.zip!inner.png", "incoming/good-0000.png", "incoming/good-0001.png"]
+    peak_kib = int(re.search(r"peak (\d+) KiB", result.stderr).group(1))
+    assert peak_kib < 1.5 * 2**20, peak_kib  # the 20000x20000 claim would be 1.2 GB decoded
+    # --resize converts the modes; the hostile files stay skipped.
+    resized = run_command([*predict, "--resize"], project, check=False)
+    assert resized.returncode == 2
+    converted = {"rgba.png", "palette.png", "grey.png", "sixteen-bit.png"}
+    assert skipped_lines(resized.stderr).keys() == expected.keys() - converted
+    # The batch flow: a batch each run, the skips recorded with their reason, never fatal.
+    batch = [*FLOW, "incoming", "--out", "results", "--model", "workspace"]
+    first = run_command(batch, project, check=False)
+    assert first.returncode == 2, first.stderr
+    (written,) = (project / "results").glob("batch-*.csv")
+    table = pd.read_csv(written, keep_default_na=False).set_index("path")
+    assert {Path(path).name for path in table.index[table["skipped"] != ""]} >= {"bomb.png", "link.png"}
+    assert (table.loc[table["skipped"] == "", "predicted"] != "").all() and (table["skipped"] == "").sum() == 3
+    # A new image arrives; the same run again predicts it, and tries no skipped file again.
+    shutil.copy(project / "source/test/circle/0001.png", project / "incoming/new.png")
+    second = run_command(batch, project)
+    (newer,) = set((project / "results").glob("batch-*.csv")) - {written}
+    assert [Path(path).name for path in pd.read_csv(newer)["path"]] == ["new.png"], second.stderr
+    # With --resize, the files skipped for their mode get their second try, and are predicted.
+    run_command([*batch, "--resize"], project, check=False)
+    (third,) = set((project / "results").glob("batch-*.csv")) - {written, newer}
+    retried = pd.read_csv(third, keep_default_na=False)
+    assert {Path(path).name for path in retried.loc[retried["skipped"] == "", "path"]} == converted
+
+
+def test_batch_flow_without_a_model_in_prod_is_one_clear_error(project, prefect_api):
+    (project / "incoming").mkdir()
+    shutil.copy(project / "source/test/circle/0000.png", project / "incoming/a.png")
+    run_command(["git", "init", "--quiet", "--bare", str(project.parent / "shared.git")], project)
+    run_command(["git", "remote", "add", "origin", str(project.parent / "shared.git")], project)
+    result = run_command([*FLOW, "incoming", "--out", "results"], project, check=False)
+    assert result.returncode == 2, result.stderr
+    assert "error: --model prod: no version of the model is in prod yet (python -m tasks.promote)" in result.stderr
+    assert "Traceback" not in result.stderr and not (project / "results").exists()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
+import time
 from fractions import Fraction
 from math import comb
 from pathlib import Path
@@ -13,26 +15,26 @@ import numpy as np
 import pytest
 
 from tasks.params import PromoteParams
-from tasks.promote import ARTIFACT, compare, decide, mcnemar_exact
-from tests.conftest import DVC, edit_params, run_command
+from tasks.promote import ARTIFACT, compare, decide, mcnemar_one_sided, required_gain
+from tests.conftest import DVC, edit_params, run_command, wait_until
+from tests.test_faults import environment_with_fault, run_killed
 
 GTO = [str(Path(sys.executable).with_name("gto"))]
 PROMOTE = [sys.executable, "-m", "tasks.promote"]
+PREDICT = [sys.executable, "-m", "tasks.predict"]
 
 
 # ---- the statistics, against values computed by hand ----
 
 
-def test_mcnemar_exact_matches_hand_computed_binomial_tails():
-    assert mcnemar_exact(0, 5) == 2 / 32  # all 5 discordant pairs one way: 2 * (1/2)^5
-    assert mcnemar_exact(1, 9) == 2 * (1 + 10) / 1024
-    assert mcnemar_exact(2, 10) == pytest.approx(2 * 79 / 4096)  # 2 * (C(12,0) + C(12,1) + C(12,2)) / 2^12
-    assert mcnemar_exact(9, 1) == mcnemar_exact(1, 9)  # two-sided: symmetric
-    assert mcnemar_exact(4, 4) == 1.0 and mcnemar_exact(0, 0) == 1.0  # capped; nothing discordant
-    # A full-size test set: 10,000 images, 900 discordant pairs, no float underflow; exact to the last bit.
-    exact = 2 * Fraction(sum(comb(900, k) for k in range(431)), 2**900)
-    assert mcnemar_exact(430, 470) == float(exact)
-    assert 0.1 < mcnemar_exact(430, 470) < 0.3
+def test_one_sided_mcnemar_matches_hand_computed_binomial_tails():
+    assert mcnemar_one_sided(0, 5) == Fraction(1, 32)  # all 5 discordant pairs the challenger's: (1/2)^5
+    assert mcnemar_one_sided(1, 9) == Fraction(1 + 10, 1024)  # P(X >= 9), X ~ Binomial(10, 1/2)
+    assert mcnemar_one_sided(9, 1) == Fraction(1023, 1024)  # one-sided: a loss is no evidence of a gain
+    assert mcnemar_one_sided(4, 4) == Fraction(70 + 56 + 28 + 8 + 1, 256) and mcnemar_one_sided(0, 0) == 1
+    # A full-size test set: 10,000 images, 900 discordant pairs, no float underflow; exact.
+    assert mcnemar_one_sided(470, 430) == Fraction(sum(comb(900, k) for k in range(430, 901)), 2**900)
+    assert 0.05 < float(mcnemar_one_sided(430, 470)) < 0.15
 
 
 def test_paired_comparison_counts_discordant_images():
@@ -42,44 +44,78 @@ def test_paired_comparison_counts_discordant_images():
     result = compare(actual, champion, challenger)
     assert (result.champion_only, result.challenger_only) == (1, 3)
     assert (result.champion_accuracy, result.challenger_accuracy) == (5 / 8, 7 / 8)
-    assert result.p_value == mcnemar_exact(1, 3) == 2 * 5 / 16
+    assert result.p_value == float(mcnemar_one_sided(1, 3)) == 5 / 16
     with pytest.raises(ValueError, match="one label per image"):
         compare(actual, champion[:4], challenger)
+
+
+def paired(images: int, champion_correct: int, b: int, c: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Labels of `images` test images with the given champion accuracy and discordant counts b, c."""
+    actual = np.zeros(images, dtype=int)
+    champion = np.where(np.arange(images) < champion_correct, 0, 1)
+    challenger = champion.copy()
+    challenger[:b] = 1  # b images only the champion gets right
+    challenger[champion_correct : champion_correct + c] = 0  # c only the challenger
+    return actual, champion, challenger
+
+
+def test_gate_counts_images_at_the_min_gain_boundary_at_every_accuracy():
+    gate = PromoteParams(min_gain=0.005, alpha=0.05)
+    assert required_gain(0.005, 10_000) == 50 and required_gain(0.003, 1000) == 3  # not ceil(3.0000000000000004)
+    # c - b = 50 of 10,000 is exactly min_gain: promoted at every champion accuracy from 0.80 to 0.90
+    # (float subtraction of the accuracies refused it at 40 of these levels, e.g. 0.8130 - 0.8080).
+    for correct in range(8000, 9001):
+        promoted, reason = decide(compare(*paired(10_000, correct, b=0, c=50)), gate)
+        assert promoted, (correct, reason)
+    promoted, reason = decide(compare(*paired(10_000, 8080, b=0, c=49)), gate)
+    assert not promoted and "c - b = 49 is below promote.min_gain = 0.005 (50 images)" in reason
+    promoted, reason = decide(compare(*paired(10_000, 8080, b=30, c=30)), gate)
+    assert not promoted and "below promote.min_gain" in reason  # b = c: no gain
 
 
 def test_gate_promotes_only_a_gain_that_is_large_enough_and_significant():
     gate = PromoteParams(min_gain=0.01, alpha=0.05)
     promoted, reason = decide(None, gate)
     assert promoted and "no model is in prod" in reason
-    actual = np.zeros(1000, dtype=int)
-    champion = np.where(np.arange(1000) < 800, 0, 1)  # 80.0 %
-    significant = np.where(np.arange(1000) < 850, 0, 1)  # 85.0 %: c = 50, b = 0
-    promoted, reason = decide(compare(actual, champion, significant), gate)
+    promoted, reason = decide(compare(*paired(1000, 800, b=0, c=50)), gate)
     assert promoted and "significantly better" in reason and "b = 0, c = 50" in reason
-    noisy = np.where((np.arange(1000) < 805) | (np.arange(1000) == 999), 0, 1)  # 80.6 %: c = 6, b = 0, p = 0.03
-    promoted, reason = decide(compare(actual, champion, noisy), PromoteParams(min_gain=0.001, alpha=0.01))
+    # b = 2, c = 9: one-sided p = 67/2048 = 0.033 promotes at alpha 0.05; the two-sided p (0.065),
+    # which applied alpha/2 to a gain, refused it.
+    promoted, reason = decide(compare(*paired(1000, 800, b=2, c=9)), PromoteParams(min_gain=0, alpha=0.05))
+    assert promoted and "p = 0.0327" in reason, reason
+    promoted, reason = decide(compare(*paired(1000, 800, b=2, c=9)), PromoteParams(min_gain=0, alpha=0.03))
     assert not promoted and "within noise" in reason
-    promoted, reason = decide(compare(actual, champion, noisy), gate)
+    promoted, reason = decide(compare(*paired(1000, 800, b=0, c=6)), gate)
     assert not promoted and "below promote.min_gain" in reason
-    worse = np.where(np.arange(1000) < 700, 0, 1)
-    promoted, reason = decide(compare(actual, champion, worse), gate)
+    promoted, reason = decide(compare(*paired(1000, 800, b=100, c=0)), gate)
     assert not promoted and "the challenger is worse" in reason and "b = 100, c = 0" in reason
 
 
-# ---- promotion end to end: real dvc, gto and git in a temporary repository ----
+# ---- promotion end to end: real dvc, gto and git, a bare repository as the team's shared remote ----
 
 
 def git(project: Path, *arguments: str) -> str:
     return run_command(["git", *arguments], project).stdout.strip()
 
 
+def shared_remote(project: Path, bare: Path) -> Path:
+    """A new bare repository as the project's `origin`, holding its branch: the registry's home."""
+    run_command(["git", "init", "--quiet", "--bare", str(bare)], project.parent)
+    if "origin" in git(project, "remote").split():
+        git(project, "remote", "remove", "origin")
+    git(project, "remote", "add", "origin", str(bare))
+    git(project, "push", "--quiet", "origin", "HEAD")
+    return bare
+
+
 @pytest.fixture
 def registry_project(project, tmp_path):
-    """The reproduced tiny project with a git identity and a local DVC remote, as promotion needs."""
+    """The reproduced tiny project with a git identity, a local DVC remote and a bare git remote, as promotion needs."""
     git(project, "config", "user.name", "Pipeline Test")
     git(project, "config", "user.email", "pipeline@example.com")
     run_command([*DVC, "remote", "add", "-d", "store", str(tmp_path / "dvc-remote")], project)
     git(project, "commit", "-qam", "DVC remote")
+    shared_remote(project, tmp_path / "shared.git")
     return project
 
 
@@ -88,9 +124,13 @@ def retrain(project: Path, **train) -> None:
     run_command([*DVC, "repro"], project)
 
 
+def decision(project: Path) -> dict:
+    return json.loads((project / "artifacts/promotion/decision.json").read_text())
+
+
 def promote(project: Path) -> dict:
     run_command(PROMOTE, project)
-    return json.loads((project / "artifacts/promotion/decision.json").read_text())
+    return decision(project)
 
 
 def prod(project: Path) -> dict:
@@ -98,8 +138,14 @@ def prod(project: Path) -> dict:
     return current
 
 
-def test_weak_model_then_strong_one_promoted_then_weak_one_refused(registry_project):
-    project = registry_project
+def registry_refs(repository: Path) -> list[str]:
+    """The registry's tags and promotion branches in a repository (a clone or the bare remote)."""
+    listed = git(repository, "for-each-ref", "--format=%(refname)", "refs/tags", f"refs/heads/{ARTIFACT}")
+    return sorted(listed.split())
+
+
+def test_weak_model_then_strong_one_promoted_then_weak_one_refused_then_rolled_back(registry_project, tmp_path):
+    project, bare = registry_project, tmp_path / "shared.git"
     head, branch = git(project, "rev-parse", "HEAD"), git(project, "branch", "--show-current")
     # A model that has barely moved from its random start: the first champion, as nothing is in prod.
     retrain(project, learning_rate=1e-7, epochs=1)
@@ -111,11 +157,25 @@ def test_weak_model_then_strong_one_promoted_then_weak_one_refused(registry_proj
     second = promote(project)
     assert second["decision"] == "promote", second["reason"]
     assert second["champion"]["version"] == "v0.1.0" and second["comparison"]["p_value"] < 0.05
+    assert "one-sided exact McNemar" in second["gate"]["test"] and second["gate"]["required_gain_images"] == 1
     assert prod(project)["version"] == "v0.2.0"
+    # The registry is the shared remote's: branches and tags pushed, the same refs there as here.
+    assert (
+        registry_refs(bare)
+        == registry_refs(project)
+        == [
+            f"refs/heads/{ARTIFACT}/v0.1.0",
+            f"refs/heads/{ARTIFACT}/v0.2.0",
+            f"refs/tags/{ARTIFACT}#prod#1",
+            f"refs/tags/{ARTIFACT}#prod#2",
+            f"refs/tags/{ARTIFACT}@v0.1.0",
+            f"refs/tags/{ARTIFACT}@v0.2.0",
+        ]
+    )
     # The weak model again: refused, with its McNemar numbers; prod stays.
     retrain(project, learning_rate=1e-7, epochs=1)
     result = run_command(PROMOTE, project)
-    third = json.loads((project / "artifacts/promotion/decision.json").read_text())
+    third = decision(project)
     assert third["decision"] == "keep champion" and third["version"] is None
     comparison = third["comparison"]
     assert comparison["champion_only"] > comparison["challenger_only"]
@@ -124,16 +184,57 @@ def test_weak_model_then_strong_one_promoted_then_weak_one_refused(registry_proj
     # The user's branch never moved; each promotion is a commit on a branch of its own, with its record.
     assert (git(project, "rev-parse", "HEAD"), git(project, "branch", "--show-current")) == (head, branch)
     shown = git(project, "show", "cifar10-cnn/v0.2.0:artifacts/promotion/decision.json")
-    assert json.loads(shown)["version"] == "v0.2.0"
+    assert json.loads(shown) == second
     card = git(project, "show", "cifar10-cnn/v0.2.0:artifacts/promotion/model-card.md")
     assert card.startswith("# Model card: cifar10-cnn v0.2.0") and "| circle |" in card
-    # The previous champion stays retrievable through the registry, from the DVC remote.
+    # Rollback: prod goes back to v0.1.0, its model checked through DVC, the reason in the tag, pushed.
     run_command(["rm", "-rf", ".dvc/cache"], project)
+    run_command([*PROMOTE, "--rollback", "--reason", "v0.2.0 mislabels trucks"], project)
+    assert prod(project)["version"] == "v0.1.0"
+    assert f"refs/tags/{ARTIFACT}#prod#3" in registry_refs(bare)
+    assert "rollback from v0.2.0: v0.2.0 mislabels trucks" in git(project, "tag", "-n1", "-l", f"{ARTIFACT}#prod#3")
+    predicted = run_command([*PREDICT, "source/test", "--model", "prod", "--out", "prod.csv"], project)
+    assert "model prod" in predicted.stderr
+    run_command([*PREDICT, "source/test", "--model", f"{ARTIFACT}@v0.1.0", "--out", "first.csv"], project)
+    assert (project / "prod.csv").read_bytes() == (project / "first.csv").read_bytes()
+    # The previous champion stays retrievable through the registry, from the DVC remote.
     out = project.parent / "v0.1.0.keras"
     run_command([*DVC, "artifacts", "get", ".", ARTIFACT, "--rev", "v0.1.0", "-o", str(out), "-q"], project)
-    import hashlib
-
     assert hashlib.sha256(out.read_bytes()).hexdigest() == first["challenger"]["sha256"]
+
+
+def test_a_second_clone_sees_the_same_prod_and_its_weaker_challenger_is_refused(registry_project, tmp_path):
+    project, bare = registry_project, tmp_path / "shared.git"
+    promote(project)  # the tiny recipe: v0.1.0 from clone A
+    colleague = tmp_path / "colleague"
+    run_command(["git", "clone", "--quiet", str(bare), str(colleague)], tmp_path)
+    git(colleague, "config", "user.name", "Colleague")
+    git(colleague, "config", "user.email", "colleague@example.com")
+    git(colleague, "fetch", "--quiet", "--tags")
+    assert prod(colleague)["version"] == "v0.1.0" == prod(project)["version"]
+    assert "v0.1.0" in run_command([*PROMOTE, "--show"], colleague).stdout
+    run_command([*PREDICT, "source/test", "--model", "prod", "--out", "b.csv"], colleague)
+    run_command([*PREDICT, "source/test", "--model", "prod", "--out", "a.csv"], project)
+    assert (colleague / "b.csv").read_bytes() == (project / "a.csv").read_bytes()
+    # Clone B trains a weaker model and tries to promote it: compared with A's champion, refused.
+    retrain(colleague, learning_rate=1e-7, epochs=1)
+    refused = promote(colleague)
+    assert refused["decision"] == "keep champion" and refused["champion"]["version"] == "v0.1.0", refused
+    assert registry_refs(bare) == registry_refs(project)  # nothing new in the registry
+
+
+def test_a_champion_trained_on_another_class_list_is_refused(registry_project):
+    project = registry_project
+    promote(project)
+    (project / "source/train/stripes").rename(project / "source/train/bars")
+    (project / "source/test/stripes").rename(project / "source/test/bars")
+    run_command([*DVC, "repro"], project)
+    run_command(["git", "add", "-A"], project)
+    git(project, "commit", "-qm", "stripes are bars now")
+    result = run_command(PROMOTE, project, check=False)
+    assert result.returncode == 2, result.stderr
+    assert "the champion v0.1.0 was trained on the classes ['circle', 'cross', 'square', 'stripes']" in result.stderr
+    assert "the challenger on ['bars', 'circle', 'cross', 'square']" in result.stderr
 
 
 def test_promotion_from_a_workspace_it_cannot_register_changes_nothing(registry_project):
@@ -146,17 +247,79 @@ def test_promotion_from_a_workspace_it_cannot_register_changes_nothing(registry_
     assert git(project, "tag") == "" and git(project, "branch", "--list", "cifar10-cnn/*") == ""
     subprocess.run(["git", "checkout", "--", "tasks/model.py"], cwd=project, check=True)
     run_command([*DVC, "remote", "remove", "store"], project)
+    git(project, "remote", "remove", "origin")
     result = run_command(PROMOTE, project, check=False)
     assert result.returncode == 2 and "no default DVC remote" in result.stderr
+    assert "no git remote 'origin': the registry lives in the team's shared git remote" in result.stderr
+    # Reading prod without the registry's remote: the same fix, in one line, exit 2.
+    result = run_command([*PREDICT, "source/test", "--model", "prod"], project, check=False)
+    assert result.returncode == 2 and "error: cannot read the registry: no git remote 'origin'" in result.stderr
 
 
-def test_flow_with_promote_registers_the_first_champion_on_its_own_branch(registry_project, prefect_api):
+# Where a promotion can die, as FAULT_AT_TOOL/FAULT_WHEN of tests/test_faults.py's hooks.
+KILL_POINTS = {
+    "after the decision": ("dvc push", "before"),
+    "after dvc push": ("dvc push", "after"),
+    "after the branch": ("update-ref", "after"),
+    "after the version tag": ("gto register", "after"),
+    "after the stage tag": ("gto assign", "after"),
+    "during the push": ("push --atomic", "during"),
+    "after the push": ("push --atomic", "after"),
+}
+
+
+def test_a_promotion_killed_at_any_point_is_finished_or_cleaned_up_by_the_next(registry_project, tmp_path):
+    project = registry_project
+    for number, (point, (text, when)) in enumerate(KILL_POINTS.items()):
+        # A registry of its own for each point: each promotion is the first champion, v0.1.0.
+        bare = shared_remote(project, tmp_path / f"registry-{number}.git")
+        run_killed(project, PROMOTE, FAULT_AT_TOOL=text, FAULT_WHEN=when)
+        again = run_command(PROMOTE, project)
+        assert "interrupted promotion of v0.1.0" in again.stderr, (point, again.stderr)
+        assert prod(project)["version"] == decision(project)["version"] == "v0.1.0", point
+        expected = [f"refs/heads/{ARTIFACT}/v0.1.0", f"refs/tags/{ARTIFACT}#prod#1", f"refs/tags/{ARTIFACT}@v0.1.0"]
+        assert registry_refs(project) == registry_refs(bare) == expected, point
+        pushed = git(bare, "show", f"{ARTIFACT}@v0.1.0:artifacts/promotion/decision.json")
+        assert json.loads(pushed) == decision(project), point
+        assert not (project / ".dvc/tmp/promotion.json").exists(), point
+
+
+def test_two_promotions_at_once_one_refuses_and_changes_nothing(registry_project, tmp_path):
+    project = registry_project
+    slow = subprocess.Popen(
+        PROMOTE,
+        cwd=project,
+        env=environment_with_fault(project, FAULT_AT_TOOL="dvc push", FAULT_WHEN="pause", FAULT_PAUSE_S=15),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    wait_until(lambda: (project / ".dvc/tmp/flow.lock").exists(), 60, "the first promotion to take the lock")
+    time.sleep(3)  # it has compared and is holding still before its push
+    second = run_command(PROMOTE, project, check=False)
+    assert second.returncode == 75, second.stderr
+    assert "another pipeline run or promotion is in progress" in second.stderr
+    assert registry_refs(tmp_path / "shared.git") == []
+    assert slow.wait(timeout=120) == 0, slow.stdout.read()
+    assert prod(project)["version"] == decision(project)["version"] == "v0.1.0"
+
+
+def test_flow_with_promote_registers_the_first_champion_then_refuses_identical_and_worse(registry_project, prefect_api):
     project = registry_project
     head = git(project, "rev-parse", "HEAD")
     result = run_command([sys.executable, "-m", "flows.pipeline", "--promote"], project)
-    decision = json.loads((project / "artifacts/promotion/decision.json").read_text())
-    assert decision["decision"] == "promote" and decision["branch"] == "cifar10-cnn/v0.1.0"
+    first = decision(project)
+    assert first["decision"] == "promote" and first["branch"] == "cifar10-cnn/v0.1.0"
     assert "promote | " in result.stdout + result.stderr  # the gate's log is in the run's log
     assert prod(project)["version"] == "v0.1.0"
     assert git(project, "rev-parse", "HEAD") == head
     assert git(project, "rev-parse", "cifar10-cnn/v0.1.0~1") == head
+    refs = registry_refs(project)
+    # The same model again (nothing reruns), then a worse one: both refused, nothing new anywhere.
+    run_command([sys.executable, "-m", "flows.pipeline", "--promote"], project)
+    assert decision(project)["decision"] == "keep champion"
+    assert decision(project)["comparison"]["champion_only"] == decision(project)["comparison"]["challenger_only"] == 0
+    edit_params(project, "train", learning_rate=1e-7, epochs=1)
+    run_command([sys.executable, "-m", "flows.pipeline", "--promote"], project)
+    assert decision(project)["decision"] == "keep champion" and "worse" in decision(project)["reason"]
+    assert registry_refs(project) == registry_refs(project.parent / "shared.git") == refs
