@@ -37,6 +37,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import dask
 import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
@@ -50,6 +51,7 @@ from tasks.params import DEFAULT_PARAMS_PATH, ParamsError, load_params, parse_pa
 log = logging.getLogger("flows.sweep")
 
 DEFAULT_MAX_CANDIDATES = 8
+ALLOWED_WORKER_DEATHS = 1  # a candidate whose worker dies runs once more, then is reported failed
 UPSTREAM_STAGES = ("ingest", "preprocess", "split")
 # select_best.monitor -> the validation figure in metrics.json, and whether lower is better.
 MONITORED = {
@@ -172,6 +174,22 @@ def validate_candidates(candidates: list[Candidate], params_path: Path) -> None:
             parse_params(with_overrides(raw, candidate.overrides), source=f"candidate {candidate.overrides}")
         except ParamsError as error:
             raise SweepError(str(error)) from None
+
+
+def unrankable(axes: dict[str, list], monitor: str) -> str | None:
+    """Why candidates over `axes` cannot be ranked on `monitor` (None: they can): their figures would not compare."""
+    varied = [key for key, values in axes.items() if len({json.dumps(value) for value in values}) > 1]
+    for key in varied:
+        if key == "seed" or key.startswith("split."):
+            return f"{key} changes which images validate each candidate: their validation figures do not compare"
+        if key.startswith("select_best."):
+            return f"{key} changes the figure each candidate is judged by: one monitor ranks them all"
+    if monitor == "val_loss" and "train.label_smoothing" in varied:
+        return (
+            "train.label_smoothing changes the objective that val_loss measures: rank on "
+            "select_best.monitor val_crossentropy or val_accuracy (mode from the monitor)"
+        )
+    return None
 
 
 def rank(finished: dict[str, dict], monitor: str) -> list[str]:
@@ -429,8 +447,12 @@ def cifar10_sweep(
     logger = get_run_logger()
     root_path = Path(root).resolve()
     params = load_params(root_path / DEFAULT_PARAMS_PATH)
-    candidates = candidate_grid(parse_sweep(sets), max_candidates)
+    axes = parse_sweep(sets)
+    candidates = candidate_grid(axes, max_candidates)
     validate_candidates(candidates, root_path / DEFAULT_PARAMS_PATH)
+    problem = unrankable(axes, params.select_best.monitor)
+    if problem:
+        raise SweepError(f"the grid cannot be ranked: {problem}")
     clean = ["git", "status", "--porcelain", "--untracked-files=no"]
     if command(clean, root_path, what="checking the workspace"):
         raise SweepError("tracked files differ from HEAD: candidates run at a commit, so commit (or stash) first")
@@ -561,10 +583,24 @@ def prefect_api_for_workers() -> Iterator[None]:
         server.stop()
 
 
-def main() -> None:
-    """Entry point for `python -m flows.sweep`."""
+def task_runner(workers: int, address: str | None):
+    """The sweep's DaskTaskRunner: an existing scheduler at `address`, or a LocalCluster of `workers` processes."""
     from prefect_dask import DaskTaskRunner
 
+    # A candidate whose worker dies is rerun once on another worker, then reported failed. Dask read
+    # its environment when it was first imported, so the setting goes to its config, which the local
+    # cluster's scheduler reads when it starts. (An existing cluster's scheduler has its own.)
+    dask.config.set({"distributed.scheduler.allowed-failures": ALLOWED_WORKER_DEATHS})
+    if address:
+        return DaskTaskRunner(address=address)
+    # One single-threaded process per candidate: a training run's ~2 GB stays inside 24 GiB with room.
+    return DaskTaskRunner(
+        cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None}
+    )
+
+
+def main() -> None:
+    """Entry point for `python -m flows.sweep`."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "-S",
@@ -591,20 +627,7 @@ def main() -> None:
     # Ctrl-C (SIGINT) stops the sweep even when it was started where SIGINT is ignored, as shells
     # do for background jobs and Python then keeps: the candidates die with their workers.
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    # A candidate whose worker dies is rerun once on another worker, then reported failed.
-    # (An existing cluster's scheduler sets this itself: distributed.scheduler.allowed-failures.)
-    os.environ.setdefault("DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES", "1")
-    if arguments.dask_address:
-        runner = DaskTaskRunner(address=arguments.dask_address)
-    else:
-        # One single-threaded process per candidate: a training run's ~2 GB stays inside 24 GiB with room.
-        cluster = {
-            "n_workers": arguments.workers,
-            "threads_per_worker": 1,
-            "processes": True,
-            "dashboard_address": None,
-        }
-        runner = DaskTaskRunner(cluster_kwargs=cluster)
+    runner = task_runner(arguments.workers, arguments.dask_address)
     try:
         if arguments.apply_best:
             result = apply_best(Path.cwd(), arguments.branch)

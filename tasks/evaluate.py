@@ -102,11 +102,12 @@ def metrics_summary(scores: Scores, best: dict) -> dict:
         },
         "per_class": per_class,
         "best_epoch": best["epoch"],
+        # Unrounded: sweeps rank candidates by these, and a rounding would tie figures that differ.
         "validation": {
-            "accuracy": round(best["val_accuracy"], 4),
-            "crossentropy": round(best["val_crossentropy"], 4),
+            "accuracy": float(best["val_accuracy"]),
+            "crossentropy": float(best["val_crossentropy"]),
             # The training objective (label-smoothed when train.label_smoothing > 0): select_best's default monitor.
-            "loss": round(best["val_loss"], 4),
+            "loss": float(best["val_loss"]),
         },
     }
 

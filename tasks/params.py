@@ -201,6 +201,14 @@ class SelectBestParams(_Section):
     monitor: Literal["val_loss", "val_crossentropy", "val_accuracy"]
     mode: Literal["min", "max"]
 
+    @model_validator(mode="after")
+    def _mode_fits_the_monitor(self) -> SelectBestParams:
+        # A contradictory pair would keep the worst epoch (val_accuracy with min) without a word.
+        expected = "max" if self.monitor == "val_accuracy" else "min"
+        if self.mode != expected:
+            raise ValueError(f"mode {self.mode} with monitor {self.monitor} keeps the worst epoch: use mode {expected}")
+        return self
+
 
 class NumericsParams(_Section):
     # portable: byte-identical results on every CPU of the pool (oneDNN capped at AVX2 kernels,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import logging
 import math
 import os
@@ -82,7 +83,22 @@ def run_fingerprint(params: Params, *, data_sha256: str, code_sha256: str) -> di
         "precision": run_precision(params.numerics),
         "data_sha256": data_sha256,
         "code_sha256": code_sha256,
+        # A run killed under one backend or library version resumes under none other.
+        "software": software_versions(),
     }
+
+
+def software_versions() -> dict[str, str | None]:
+    """The Keras backend and the versions of the libraries that compute a training step (None: not installed)."""
+    import keras
+
+    versions: dict[str, str | None] = {"keras_backend": keras.config.backend()}
+    for package in ("tensorflow", "keras", "numpy", "jax", "jaxlib"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    return versions
 
 
 def resumable_history(checkpoints: Path, fingerprint: dict) -> list[dict]:

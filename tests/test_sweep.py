@@ -19,6 +19,7 @@ from flows.sweep import (
     parse_sweep,
     rank,
     split_values,
+    unrankable,
     validate_candidates,
 )
 from tests.conftest import DVC, edit_params, run_command, wait_until
@@ -61,6 +62,36 @@ def test_winner_is_the_best_validation_figure_with_ties_broken_by_name():
     }
     assert rank(finished, "val_loss") == ["a", "b", "c"]
     assert rank(finished, "val_accuracy") == ["c", "b", "a"]
+
+
+def test_a_grid_whose_candidates_cannot_be_ranked_on_the_monitor_is_refused():
+    assert unrankable(parse_sweep(["train.learning_rate=0.01,0.03"]), "val_loss") is None
+    smoothing = parse_sweep(["train.label_smoothing=0,0.2"])
+    assert "train.label_smoothing changes the objective that val_loss measures" in unrankable(smoothing, "val_loss")
+    assert unrankable(smoothing, "val_crossentropy") is None and unrankable(smoothing, "val_accuracy") is None
+    assert "seed changes which images validate" in unrankable(parse_sweep(["seed=1,2"]), "val_accuracy")
+    split = parse_sweep(["split.validation_fraction=0.1,0.2"])
+    assert "split.validation_fraction changes which images validate" in unrankable(split, "val_crossentropy")
+    assert unrankable(parse_sweep(["seed=7", "train.epochs=2,3"]), "val_loss") is None  # one seed for all
+    assert "one monitor ranks them all" in unrankable(parse_sweep(["select_best.monitor=val_loss,val_accuracy"]), "")
+
+
+def test_the_sweeps_local_cluster_reruns_a_dead_workers_candidate_once():
+    # A real LocalCluster, started from the sweep's task runner's settings after prefect_dask (and so
+    # dask) was imported: its scheduler must allow one worker death per candidate, not dask's 3.
+    script = (
+        "import prefect_dask, flows.sweep as sweep\n"
+        "from distributed import LocalCluster\n"
+        "runner = sweep.task_runner(workers=1, address=None)\n"
+        "options = runner.cluster_kwargs | {'n_workers': 0, 'processes': False}\n"
+        "with LocalCluster(**options) as cluster:\n"
+        "    print(cluster.scheduler.allowed_failures)\n"
+    )
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("DASK_")}
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True, env=environment
+    )
+    assert result.stdout.split()[-1] == "1", result.stdout + result.stderr
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -53,6 +54,24 @@ def test_rerun_resumes_after_the_last_completed_epoch(split_params, caplog):
     assert pd.read_csv(params.paths.training / "history.csv")["epoch"].tolist() == [1, 2, 3]
     assert (checkpoints / "epoch-001.keras").read_bytes() == first_epoch
     assert (params.paths.checkpoints / "epoch-001.keras").read_bytes() == first_epoch  # published as trained
+
+
+@pytest.mark.parametrize(
+    "killed_under", [{"keras_backend": "jax"}, {"tensorflow": "2.20.0"}, {"numpy": "1.26.4"}, {"keras": "3.14.0"}]
+)
+def test_a_run_killed_under_another_backend_or_library_version_starts_over(split_params, caplog, killed_under):
+    params = with_train(split_params, epochs=2)
+    train.run(params)
+    checkpoints = params.paths.resume
+    as_if_killed_during(checkpoints, 2)
+    fingerprint = json.loads((checkpoints / "fingerprint.json").read_text())
+    assert fingerprint["software"] == train.software_versions() and fingerprint["software"]["keras_backend"]
+    fingerprint["software"] |= killed_under  # as if the killed run had another backend or lock
+    (checkpoints / "fingerprint.json").write_text(json.dumps(fingerprint))
+    with caplog.at_level(logging.INFO, logger="tasks.train"):
+        train.run(params)
+    assert "resuming from" not in caplog.text
+    assert pd.read_csv(params.paths.training / "history.csv")["epoch"].tolist() == [1, 2]
 
 
 def test_checkpoints_are_published_with_their_hashes_and_resume_state_kept_apart(split_params):
