@@ -29,8 +29,9 @@ repro: setup
 	$(BIN)/dvc repro --pull
 
 # Two worker processes (pytest-xdist): most tests wait on subprocesses, so 2 cores overlap them.
+# The 25 slowest tests close every run, so CI's cost stays in view.
 test: setup
-	$(BIN)/python -m pytest -n 2 --dist worksteal
+	$(BIN)/python -m pytest -n 2 --dist worksteal --durations=25
 
 lint: setup
 	$(BIN)/ruff check .

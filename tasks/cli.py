@@ -27,9 +27,11 @@ EXIT_BUSY = 75  # EX_TEMPFAIL: nothing is wrong with the inputs; the same comman
 # TensorFlow's native start-up lines that report no problem: INFO/WARNING lines written before
 # absl logging starts (so TF_CPP_MIN_LOG_LEVEL cannot hide them), the failed CUDA probe of a
 # machine without a GPU, and a tf.data graph-rewrite notice. Both of the latter say "E" (error);
-# users read them as errors. Every other line, E or F level included, still passes.
+# users read them as errors. Every other line, E or F level included, still passes. The CPU
+# feature notice ("This TensorFlow binary is optimized ...") goes on over a second, unprefixed line.
 HARMLESS_NATIVE_LOG = re.compile(
     r"^WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR$"
+    r"|^To enable the following instructions: .*rebuild TensorFlow with the appropriate compiler flags\.$"
     r"|^[IW]\d{4} [\d:.]+ +\d+ \S+:\d+\] "
     r"|^E\d{4} [\d:.]+ +\d+ cuda_\w+\.cc:\d+\] failed call to cuInit: "
     r"|^E\d{4} .*NodeDef mentions attribute use_unbounded_threadpool"

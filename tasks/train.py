@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -232,6 +233,48 @@ def _epoch_checkpointer(checkpoints: Path, history: list[dict]):
     return EpochCheckpoint()
 
 
+# A progress line at least this often inside an epoch: a default epoch takes about 3 minutes on
+# the pool's slowest CPU, and Keras prints nothing until it ends.
+PROGRESS_EVERY_S = 20.0
+
+
+def _progress_logger(*, epochs: float, steps_per_epoch: int, total_steps: int, batch_size: int):
+    """A Keras callback that logs the epoch, step, images/s, and the time left in the epoch and the run."""
+    import keras
+
+    class ProgressLog(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epoch, self.started = epoch, time.monotonic()
+            self.last = self.started
+
+        def on_train_batch_end(self, batch, logs=None):
+            now = time.monotonic()
+            if now - self.last < PROGRESS_EVERY_S:
+                return
+            self.last, steps = now, batch + 1
+            seconds_per_step = (now - self.started) / steps
+            in_epoch = min(steps_per_epoch, total_steps - self.epoch * steps_per_epoch)
+            left_in_run = total_steps - self.epoch * steps_per_epoch - steps
+            log.info(
+                "epoch %d/%g, step %d/%d: %.0f images/s; epoch %s elapsed, %s left; about %s left in the run",
+                self.epoch + 1,
+                epochs,
+                steps,
+                in_epoch,
+                batch_size / seconds_per_step,
+                minutes(now - self.started),
+                minutes((in_epoch - steps) * seconds_per_step),
+                minutes(left_in_run * seconds_per_step),
+            )
+
+    return ProgressLog()
+
+
+def minutes(seconds: float) -> str:
+    """A duration as m:ss."""
+    return f"{int(seconds // 60)}:{int(seconds % 60):02d}"
+
+
 def lookahead_decay(step: int, total_steps: int, lookahead: LookaheadParams) -> float:
     """The share of the average an update at `step` keeps: near 0 early, rising to decay**every_steps at the end."""
     return lookahead.decay**lookahead.every_steps * (step / total_steps) ** 3
@@ -398,7 +441,11 @@ def fit(
     total_steps = training_steps(train.epochs, steps_per_epoch)
     targets = {part: training_targets(arrays[f"y_{part}"], train, num_classes) for part in ("train", "val")}
     for first, last, steps in epoch_runs(total_steps, steps_per_epoch, start_epoch):
-        callbacks = [_epoch_checkpointer(checkpoints, history)]
+        progress = {"epochs": train.epochs, "steps_per_epoch": steps_per_epoch, "total_steps": total_steps}
+        callbacks = [
+            _progress_logger(**progress, batch_size=train.batch_size),
+            _epoch_checkpointer(checkpoints, history),
+        ]
         if train.lookahead:
             # Started afresh for a fractional last epoch, it takes the weights as its average, as on resume.
             callbacks.append(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import io
 import os
 import re
@@ -218,15 +219,35 @@ def pristine(tmp_path_factory, image_folder) -> Path:
     return create_project(tmp_path_factory.mktemp("pristine") / "project", image_folder)
 
 
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """`build(folder)` once per test run, shared by every pytest-xdist worker: the first builds, the rest wait."""
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the run's folder, above each worker's own
+    folder, done = shared / name, shared / f"{name}.done"
+    with open(shared / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)  # a worker that died mid-build
+            build(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def reproduced(tmp_path_factory, pristine) -> tuple[Path, str]:
-    """The pristine project after one full `dvc repro`, with its output."""
-    project = tmp_path_factory.mktemp("reproduced") / "project"
-    shutil.copytree(pristine, project, symlinks=True)
-    result = run_command([sys.executable, "-m", "dvc", "repro"], project)
-    run_command(["git", "add", "-A"], project)
-    run_command(["git", "-c", "user.name=t", "-c", "user.email=t@e", "commit", "-qm", "first run"], project)
-    return project, result.stdout
+    """The pristine project after one full `dvc repro`, with its output: built once for all workers."""
+
+    def build(folder: Path) -> None:
+        project = folder / "project"
+        shutil.copytree(pristine, project, symlinks=True)
+        result = run_command([sys.executable, "-m", "dvc", "repro"], project)
+        run_command(["git", "add", "-A"], project)
+        run_command(["git", "-c", "user.name=t", "-c", "user.email=t@e", "commit", "-qm", "first run"], project)
+        (folder / "repro.log").write_text(result.stdout)
+
+    folder = built_once(tmp_path_factory, "reproduced", build)
+    return folder / "project", (folder / "repro.log").read_text()
 
 
 @pytest.fixture

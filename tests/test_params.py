@@ -158,3 +158,13 @@ def test_params_are_frozen():
     params = load_params(ROOT / "params.yaml")
     with pytest.raises(Exception, match="frozen"):
         params.train.epochs = 5
+
+
+@pytest.mark.parametrize(("monitor", "mode", "fix"), [("val_accuracy", "min", "max"), ("val_loss", "max", "min")])
+def test_select_best_mode_must_fit_the_monitor(params_path, monitor, mode, fix):
+    raw = yaml.safe_load(params_path.read_text())
+    raw["select_best"] = {"monitor": monitor, "mode": mode}
+    with pytest.raises(
+        ParamsError, match=f"select_best: .*mode {mode} with monitor {monitor} keeps the worst epoch: use mode {fix}"
+    ):
+        parse_params(raw)

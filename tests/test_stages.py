@@ -164,6 +164,10 @@ def test_known_harmless_native_lines_are_dropped_and_errors_kept():
         "E0000 00:00:1795703299.376554    3161 cuda_platform.cc:52] failed call to cuInit: INTERNAL: CUDA error",
         "E0000 00:00:1795703299.376554    3161 meta_optimizer.cc:967] NodeDef mentions attribute "
         "use_unbounded_threadpool which is not in the op definition",
+        "I0000 00:00:1795703297.209042    3161 cpu_feature_guard.cc:210] This TensorFlow binary is optimized to use "
+        "available CPU instructions in performance-critical operations.",
+        "To enable the following instructions: AVX512F AVX512_VNNI AVX512_BF16 FMA, in other operations, rebuild "
+        "TensorFlow with the appropriate compiler flags.",
     ]
     kept = [
         "E0000 00:00:1795703299.376554    3161 op_kernel.cc:1830] OP_REQUIRES failed: out of memory",

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -56,22 +57,36 @@ def test_rerun_resumes_after_the_last_completed_epoch(split_params, caplog):
     assert (params.paths.checkpoints / "epoch-001.keras").read_bytes() == first_epoch  # published as trained
 
 
-@pytest.mark.parametrize(
-    "killed_under", [{"keras_backend": "jax"}, {"tensorflow": "2.20.0"}, {"numpy": "1.26.4"}, {"keras": "3.14.0"}]
-)
-def test_a_run_killed_under_another_backend_or_library_version_starts_over(split_params, caplog, killed_under):
+def test_a_run_killed_under_another_backend_or_library_version_starts_over(split_params, caplog):
     params = with_train(split_params, epochs=2)
     train.run(params)
     checkpoints = params.paths.resume
-    as_if_killed_during(checkpoints, 2)
-    fingerprint = json.loads((checkpoints / "fingerprint.json").read_text())
-    assert fingerprint["software"] == train.software_versions() and fingerprint["software"]["keras_backend"]
-    fingerprint["software"] |= killed_under  # as if the killed run had another backend or lock
-    (checkpoints / "fingerprint.json").write_text(json.dumps(fingerprint))
+    for killed_under in ({"keras_backend": "jax"}, {"tensorflow": "2.20.0"}, {"numpy": "1.26.4"}, {"keras": "3.14"}):
+        as_if_killed_during(checkpoints, 2)
+        fingerprint = json.loads((checkpoints / "fingerprint.json").read_text())
+        assert fingerprint["software"] == train.software_versions() and fingerprint["software"]["keras_backend"]
+        fingerprint["software"] |= killed_under  # as if the killed run had another backend or lock
+        (checkpoints / "fingerprint.json").write_text(json.dumps(fingerprint))
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="tasks.train"):
+            train.run(params)
+        assert "resuming from" not in caplog.text, killed_under
+        assert pd.read_csv(params.paths.training / "history.csv")["epoch"].tolist() == [1, 2]
+
+
+def test_training_logs_its_progress_inside_each_epoch(split_params, caplog, monkeypatch):
+    monkeypatch.setattr(train, "PROGRESS_EVERY_S", 0.0)  # a line after every batch, not every 20 s
+    params = with_train(split_params, epochs=2)
     with caplog.at_level(logging.INFO, logger="tasks.train"):
         train.run(params)
-    assert "resuming from" not in caplog.text
-    assert pd.read_csv(params.paths.training / "history.csv")["epoch"].tolist() == [1, 2]
+    lines = [record.getMessage() for record in caplog.records if "images/s" in record.getMessage()]
+    steps = math.ceil(36 / 8)  # 36 training images (48 less a quarter for validation), batch size 8
+    assert len(lines) == 2 * steps and lines[0].startswith(f"epoch 1/2, step 1/{steps}: "), lines
+    last = (
+        rf"epoch 2/2, step {steps}/{steps}: \d+ images/s; epoch \d+:\d\d elapsed, 0:00 left; about 0:00 "
+        r"left in the run"
+    )
+    assert re.fullmatch(last, lines[-1]), lines[-1]
 
 
 def test_checkpoints_are_published_with_their_hashes_and_resume_state_kept_apart(split_params):
