@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from tasks.cli import EXIT_BAD_INPUT, EXIT_BUSY
 from tasks.ingest import RESTORE_HINT, fetch_source, source_pointer
 from tasks.io import DataError, WorkspaceBusyError, read_json
 from tasks.params import DEFAULT_PARAMS_PATH, ParamsError, flatten_params, load_params
+from tasks.train import minutes
 from tasks.workspace import LOCK_FD_VARIABLE, exclusive_workspace
 
 STAGES = ("ingest", "preprocess", "split", "train", "select_best", "evaluate")
@@ -63,6 +65,7 @@ class StageOutcome:
     stage: str
     ran: bool
     reason: str  # what DVC found changed, or "up to date"
+    seconds: float = 0.0  # how long its `dvc repro --single-item` took
 
 
 def describe_changes(status: list, param_changes: list[str]) -> str:
@@ -134,6 +137,7 @@ def reproduce_stage(root: Path, stage: str) -> StageOutcome:
         logger.info("stage %s: up to date, skipped", stage)
         return StageOutcome(stage, ran=False, reason="up to date")
     logger.info("stage %s: running (%s)", stage, reason)
+    started = time.monotonic()
     command = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
     output = []
     with subprocess.Popen(
@@ -145,8 +149,9 @@ def reproduce_stage(root: Path, stage: str) -> StageOutcome:
                 logger.info("%s | %s", stage, line.rstrip())
     if process.returncode != 0:
         raise stage_failure(stage, process.returncode, output)
-    logger.info("stage %s: done", stage)
-    return StageOutcome(stage, ran=True, reason=reason)
+    seconds = time.monotonic() - started
+    logger.info("stage %s: done in %s", stage, minutes(seconds))
+    return StageOutcome(stage, ran=True, reason=reason, seconds=seconds)
 
 
 def stage_failure(stage: str, dvc_status: int, output: list[str]) -> Exception:
@@ -230,9 +235,9 @@ def cifar10_pipeline(root: str = ".", promote: bool = False) -> list[StageOutcom
         # A failed run still says what it did and where it stopped, in the same artifact.
         publish_failure(outcomes, error)
         raise
-    ran = [outcome.stage for outcome in outcomes if outcome.ran]
-    logger.info("pipeline %s", f"ran {', '.join(ran)}" if ran else "up to date: no stage ran")
-    publish_summary(outcomes, read_json(root_path / params.paths.metrics / "metrics.json"))
+    metrics = read_json(root_path / params.paths.metrics / "metrics.json")
+    logger.info("%s", run_summary(outcomes, metrics, params.paths))
+    publish_summary(outcomes, metrics)
     return outcomes
 
 
@@ -312,6 +317,20 @@ def metrics_rows(metrics: dict) -> list[dict]:
         {"metric": "validation accuracy", "value": validation.get("accuracy")},
         {"metric": "validation cross-entropy", "value": validation.get("crossentropy")},
     ]
+
+
+def run_summary(outcomes: list[StageOutcome], metrics: dict, paths) -> str:
+    """What a person reads at the end of a run: the test accuracy, what ran and how long, where the results are."""
+    ran = ", ".join(f"{item.stage} {minutes(item.seconds)}" for item in outcomes if item.ran)
+    skipped = ", ".join(item.stage for item in outcomes if not item.ran)
+    test = metrics["test"]
+    return "\n".join(
+        [
+            f"pipeline done: test accuracy {test['accuracy']:.4f} (cross-entropy {test['crossentropy']:.4f})",
+            f"  ran: {ran}" + (f"; up to date: {skipped}" if skipped else "") if ran else "  up to date: no stage ran",
+            f"  metrics: {paths.metrics}/metrics.json (dvc metrics show); plots: {paths.plots}/ (dvc plots show)",
+        ]
+    )
 
 
 def publish_summary(outcomes: list[StageOutcome], metrics: dict) -> None:

@@ -271,18 +271,23 @@ def params_section(diff: dict) -> list[str]:
 
 
 def metrics_section(diff: dict, path: str | None) -> list[str]:
+    """The metrics that moved, headline first, and one line counting those that did not."""
     metrics = diff.get(path, {})
     if not metrics:
         return ["No metrics found in either revision."]
-    lines = ["| metric | old | new | change |", "| --- | --- | --- | --- |"]
     headline = [key for key in HEADLINE_METRICS if key in metrics]
-    per_class = sorted(key for key in metrics if key.startswith("per_class."))
-    for key in headline + per_class:
+    ordered = headline + sorted(key for key in metrics if key not in headline)
+    moved = [key for key in ordered if metrics[key].get("old") != metrics[key].get("new")]
+    still = len(ordered) - len(moved)
+    if not moved:
+        return [f"No metric changed ({still} unchanged)."]
+    lines = ["| metric | old | new | change |", "| --- | --- | --- | --- |"]
+    for key in moved:
         change = metrics[key]
         lines.append(
             f"| `{key}` | {_number(change.get('old'))} | {_number(change.get('new'))} | {_number(change.get('diff'))} |"
         )
-    return lines
+    return [*lines, "", f"{still} other metrics unchanged."]
 
 
 def reruns_section(reruns: dict[str, Rerun], stage_order: list[str]) -> list[str]:

@@ -224,3 +224,17 @@ def test_flow_refuses_a_corrupted_tracked_source_before_dvc_repoints_it(project)
     run_command([sys.executable, "-m", "tasks.ingest", "--restore"], project)
     assert (project / "images.zip").read_bytes() == good
     assert "up to date" in run_command([*DVC, "status"], project).stdout
+
+
+def test_the_run_ends_with_one_summary_a_person_can_read():
+    from flows.pipeline import StageOutcome, run_summary
+    from tasks.params import load_params
+
+    paths = load_params(ROOT / "params.yaml").paths
+    outcomes = [StageOutcome("split", False, "up to date"), StageOutcome("train", True, "train: epochs 4 → 5", 192.4)]
+    summary = run_summary(outcomes, {"test": {"accuracy": 0.85184, "crossentropy": 0.62551}}, paths)
+    assert summary.splitlines() == [
+        "pipeline done: test accuracy 0.8518 (cross-entropy 0.6255)",
+        "  ran: train 3:12; up to date: split",
+        "  metrics: artifacts/metrics/metrics.json (dvc metrics show); plots: artifacts/plots/ (dvc plots show)",
+    ]

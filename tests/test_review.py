@@ -132,3 +132,22 @@ def test_report_shows_the_numerics_mode_and_the_environment_a_rerun_came_from(pr
     report = (project / "report" / "report.md").read_text()
     assert "| `onednn_max_cpu_isa` | all | AVX2 |" in report
     assert "No stage reran" in report
+
+
+def test_metrics_section_lists_what_moved_and_counts_the_rest():
+    from review.report import metrics_section
+
+    moved = {"old": 0.81, "new": 0.82, "diff": 0.01}
+    same = {"old": 0.5, "new": 0.5, "diff": 0.0}
+    diff = {"m.json": {"per_class.cat.f1": same, "test.accuracy": moved, "validation.loss": same, "best_epoch": same}}
+    lines = metrics_section(diff, "m.json")
+    assert lines == [
+        "| metric | old | new | change |",
+        "| --- | --- | --- | --- |",
+        "| `test.accuracy` | 0.8100 | 0.8200 | 0.0100 |",
+        "",
+        "3 other metrics unchanged.",
+    ]
+    assert metrics_section({"m.json": {"test.accuracy": same, "best_epoch": same}}, "m.json") == [
+        "No metric changed (2 unchanged)."
+    ]
