@@ -39,8 +39,25 @@ from tasks.workspace import LOCK_FD_VARIABLE, exclusive_workspace
 STAGES = ("ingest", "preprocess", "split", "train", "select_best", "evaluate")
 
 # A DVC lock held by someone else (a user's `dvc status` at 02:00) goes away by itself:
-# retry the stage after these pauses. A stage's own failure is never retried.
-DVC_BUSY_RETRY_DELAYS_S = (2, 5, 10, 20, 40, 60)
+# retry the stage after these pauses (CIFAR10_DVC_BUSY_RETRY_DELAYS_S="2,5,10" sets others),
+# then exit 75. A stage's own failure is never retried.
+DEFAULT_DVC_BUSY_RETRY_DELAYS_S = (2, 5, 10, 20, 40, 60)
+
+
+def dvc_busy_retry_delays(setting: str | None) -> tuple[float, ...]:
+    """The pauses between a busy stage's tries: the setting's comma-separated seconds, or the defaults."""
+    if not setting:
+        return DEFAULT_DVC_BUSY_RETRY_DELAYS_S
+    try:
+        delays = tuple(float(part) for part in setting.split(","))
+    except ValueError:
+        delays = ()
+    if not delays or min(delays) < 0:
+        raise ParamsError(f"CIFAR10_DVC_BUSY_RETRY_DELAYS_S={setting!r}: expected seconds such as 2,5,10")
+    return delays
+
+
+DVC_BUSY_RETRY_DELAYS_S = dvc_busy_retry_delays(os.environ.get("CIFAR10_DVC_BUSY_RETRY_DELAYS_S"))
 
 
 class StageFailedError(RuntimeError):

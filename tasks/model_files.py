@@ -18,22 +18,23 @@ log = logging.getLogger(__name__)
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 
 
-def _renumber_shared_objects(node, numbering: dict[int, int]):
-    """Replace Keras' `shared_object_id`s (memory addresses) with 1, 2, ... in order of appearance."""
+def _drop_shared_object_ids(node):
+    """Remove Keras' `shared_object_id`s: a model's config then depends on what it is, not how it was made.
+
+    A freshly built model's layers share one dtype policy object, which Keras writes once per
+    layer with an id; a model loaded from a file has a policy per layer and no ids. Every
+    occurrence carries its full config, so the file loads the same without them, and a resumed
+    run writes the bytes an unbroken one does.
+    """
     if isinstance(node, dict):
-        return {
-            key: numbering.setdefault(value, len(numbering) + 1)
-            if key == "shared_object_id"
-            else _renumber_shared_objects(value, numbering)
-            for key, value in node.items()
-        }
+        return {key: _drop_shared_object_ids(value) for key, value in node.items() if key != "shared_object_id"}
     if isinstance(node, list):
-        return [_renumber_shared_objects(item, numbering) for item in node]
+        return [_drop_shared_object_ids(item) for item in node]
     return node
 
 
 def _make_keras_archive_reproducible(path: Path) -> None:
-    """Drop the save time and memory addresses Keras writes into a .keras zip: equal weights, equal bytes.
+    """Drop the save time and shared-object ids Keras writes into a .keras zip: equal weights, equal bytes.
 
     DVC hashes checkpoints and the model: without this, a rerun with identical weights
     would still change their hashes and rerun every stage below train.
@@ -47,7 +48,7 @@ def _make_keras_archive_reproducible(path: Path) -> None:
                 metadata.pop("date_saved", None)
                 payload = json.dumps(metadata).encode()
             elif info.filename == "config.json":
-                payload = json.dumps(_renumber_shared_objects(json.loads(payload), {})).encode()
+                payload = json.dumps(_drop_shared_object_ids(json.loads(payload))).encode()
             archive.writestr(zipfile.ZipInfo(info.filename, date_time=_ZIP_EPOCH), payload, info.compress_type)
 
 

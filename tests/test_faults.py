@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -256,6 +257,25 @@ def test_kill_mid_write_leaves_a_half_written_temporary_file_only(project):
 def test_kill_during_an_epoch_then_resume(project, entry_point):
     # Killed after batch 2 of epoch 3 (each epoch has 36 / 8 = 5 batches).
     kill_and_resume(project, entry_point, epochs=4, last_done=2, FAULT_AT_BATCH="3:2")
+
+
+def test_a_train_process_killed_in_epoch_2_resumes_to_the_bytes_of_an_unbroken_run(project):
+    edit_params(project, "train", epochs=3)
+    train = [sys.executable, "-m", "tasks.train"]
+    run_killed(project, train, FAULT_AT_BATCH="2:2")  # SIGKILL after batch 2 of epoch 2
+    resumed = run_command(train, project)
+    assert "resuming from artifacts/resume/epoch-001.keras (epoch 1 of 3)" in resumed.stderr, resumed.stderr
+
+    def published() -> dict[str, bytes]:
+        folders = (CHECKPOINTS, Path("artifacts/training"))
+        return {str(path.relative_to(project)): path.read_bytes() for f in folders for path in (project / f).iterdir()}
+
+    after_resume = published()
+    shutil.rmtree(project / RESUME)
+    run_command(train, project)  # the same commit and params, never interrupted
+    assert sorted(after_resume) == sorted(published()) and len(after_resume) == 6
+    for name, payload in published().items():  # every file, not only the weights inside them
+        assert after_resume[name] == payload, name
 
 
 def test_kill_between_checkpoint_and_its_history_row(project):

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 import zipfile
 
 import pytest
@@ -137,6 +138,28 @@ def test_flow_retries_while_another_dvc_process_holds_the_lock(project):
     assert "another DVC process holds" in output and "Retry" in output  # the first try met the lock
     assert flow_stages(output)["train"] == "running"
     assert "up to date" in run_command([*DVC, "status"], project).stdout
+
+
+def test_a_lock_held_past_every_retry_ends_the_run_busy_after_the_set_delays(project):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_DVC_LOCK, "120"], cwd=project, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        environment = project_environment(project.parent) | {"CIFAR10_DVC_BUSY_RETRY_DELAYS_S": "1,2,4"}
+        started = time.monotonic()
+        result = run_command(FLOW, project, check=False, environment=environment)
+        elapsed = time.monotonic() - started
+    finally:
+        holder.kill()
+    output = result.stdout + result.stderr
+    assert result.returncode == 75, output  # busy: the same run later will work
+    tries = "Task run failed with exception: PipelineBusyError('stage ingest: another DVC process holds"
+    assert output.count(tries) == 4, output  # the first try and 3 retries
+    for number, delay in enumerate(("1.0", "2.0", "4.0"), start=1):
+        assert f"Retry {number}/3 will start {delay} second(s) from now" in output, output
+    assert elapsed >= 1 + 2 + 4
+    assert "Retry 4/" not in output and "error: stage ingest: another DVC process holds" in output
 
 
 def test_a_stage_that_refuses_its_input_is_not_retried_and_exits_2(project):
