@@ -220,10 +220,10 @@ def render_confusions(plots: dict, predictions: str | None, out: Path) -> dict[s
 
 
 def significance_line(plots: dict, predictions: str | None, base: str, rev: str) -> str:
-    """Whether test accuracy differs between the two revisions beyond noise: exact McNemar on paired predictions."""
+    """Whether test accuracy differs between the two revisions beyond noise: two-sided exact McNemar, paired."""
     import numpy as np
 
-    from tasks.promote import compare
+    from tasks.promote import compare, mcnemar_two_sided
 
     rows = plots.get(predictions, [{}])[0].get("content", {}).get("data", {}).get("values", [])
     by_rev: dict[str, list[dict]] = {}
@@ -240,11 +240,13 @@ def significance_line(plots: dict, predictions: str | None, base: str, rev: str)
         np.asarray([row["predicted"] for row in old]),
         np.asarray([row["predicted"] for row in new]),
     )
-    verdict = f"significant at 0.05 (p = {result.p_value:.3g})" if result.p_value < 0.05 else "within noise"
+    # Two-sided: a review asks whether accuracy moved either way (the promotion gate asks one-sided).
+    p_value = float(mcnemar_two_sided(result.champion_only, result.challenger_only))
+    verdict = f"significant at 0.05 (p = {p_value:.3g})" if p_value < 0.05 else "within noise"
     return (
         f"Test accuracy {result.champion_accuracy:.4f} → {result.challenger_accuracy:.4f}: **{verdict}** "
-        f"(exact McNemar on {result.images} paired images: {result.champion_only} right only at `{old_name}`, "
-        f"{result.challenger_only} right only at `{new_name}`, p = {result.p_value:.3g})."
+        f"(two-sided exact McNemar on {result.images} paired images: {result.champion_only} right only at "
+        f"`{old_name}`, {result.challenger_only} right only at `{new_name}`, p = {p_value:.3g})."
     )
 
 

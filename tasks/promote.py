@@ -86,6 +86,14 @@ def mcnemar_one_sided(b: int, c: int) -> Fraction:
     return Fraction(sum(math.comb(trials, k) for k in range(c, trials + 1)), 2**trials)
 
 
+def mcnemar_two_sided(b: int, c: int) -> Fraction:
+    """Two-sided exact McNemar p (do the two models differ at all?): twice the smaller binomial tail, at most 1."""
+    trials = b + c
+    if trials == 0:
+        return Fraction(1)
+    return min(Fraction(1), 2 * Fraction(sum(math.comb(trials, k) for k in range(min(b, c) + 1)), 2**trials))
+
+
 def compare(actual: np.ndarray, champion: np.ndarray, challenger: np.ndarray) -> Comparison:
     """Pair two models' predicted labels per test image: correct counts, discordant counts, McNemar p."""
     if not actual.shape == champion.shape == challenger.shape:

@@ -27,7 +27,8 @@ from tests.conftest import DVC, FLOW, edit_params, project_environment, ran_stag
 # environment variables and lands at one exact point, so no test depends on timing:
 # - FAULT_AT_RENAME=<file name> [FAULT_AT_COUNT=n]: when tasks.io is about to rename a finished
 #   temporary file onto that name for the n-th time, SIGKILL this process (FAULT=kill) or hold
-#   still (FAULT=pause, FAULT_PAUSE_S seconds) so another run collides with it.
+#   still (FAULT=pause, FAULT_PAUSE_S seconds) so another run collides with it; with
+#   FAULT_PAUSE_ONCE=<marker file>, only the first process to get there holds still.
 # - FAULT_MID_WRITE=<file name>: SIGKILL after the first two members of a Keras archive have
 #   gone into that file's temporary copy: the temporary file is half written.
 # - FAULT_AT_BATCH=<epoch>:<batch> (1-based): SIGKILL when training finishes that batch (Keras'
@@ -107,7 +108,11 @@ if rename_target or at_batch or before_status or at_tool:
                     landed.append(1)
                     if len(landed) == int(os.environ.get("FAULT_AT_COUNT", "1")):
                         if os.environ.get("FAULT") == "pause":
-                            time.sleep(float(os.environ.get("FAULT_PAUSE_S", "20")))
+                            once = os.environ.get("FAULT_PAUSE_ONCE")  # a marker file: the first process only
+                            if not once or not os.path.exists(once):
+                                if once:
+                                    open(once, "w").close()
+                                time.sleep(float(os.environ.get("FAULT_PAUSE_S", "20")))
                         else:
                             _die()
                 return real_replace(source, destination)

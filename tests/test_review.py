@@ -10,11 +10,13 @@ import sys
 
 import pandas as pd
 
-from tasks.promote import compare
+from tasks.params import flatten_params
+from tasks.promote import compare, mcnemar_two_sided
 from tests.conftest import DVC, ROOT, edit_params, project_environment, run_command
 
 WORKFLOW = ROOT / ".github" / "workflows" / "pipeline-report.yml"
 PREDICTIONS = "artifacts/metrics/predictions.csv"
+METRICS = "artifacts/metrics/metrics.json"
 CHECK_WORKFLOW = [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.github-workflows"]
 
 
@@ -39,9 +41,21 @@ def test_report_shows_param_metrics_plots_and_reruns(project):
     )
     expected = compare(old["actual"].to_numpy(), old["predicted"].to_numpy(), new["predicted"].to_numpy())
     assert f"{expected.champion_only} right only at `HEAD~1`, {expected.challenger_only} right only at `HEAD`" in report
-    assert ("**significant at 0.05" if expected.p_value < 0.05 else "**within noise**") in report
+    p_value = mcnemar_two_sided(expected.champion_only, expected.challenger_only)
+    assert ("**significant at 0.05" if p_value < 0.05 else "**within noise**") in report
     assert "| `train.epochs` | 2 | 3 |" in report
-    assert "| `test.accuracy` |" in report and "| `per_class.circle.f1` |" in report
+    # Each metric that moved has its row; the rest are counted in one line.
+    old_metrics, new_metrics = (
+        flatten_params(json.loads(run_command(["git", "show", f"{rev}:{METRICS}"], project).stdout))
+        for rev in ("HEAD~1", "HEAD")
+    )
+    moved = [key for key in new_metrics if new_metrics[key] != old_metrics.get(key)]
+    for key in new_metrics:
+        assert (f"| `{key}` |" in report) == (key in moved), key
+    unchanged = len(new_metrics) - len(moved)
+    assert (
+        f"{unchanged} other metrics unchanged." if moved else f"No metric changed ({unchanged} unchanged)."
+    ) in report
     for stage in ("train", "select_best", "evaluate"):
         assert f"| {stage} | yes |" in report and report.split(f"| {stage} | yes |")[1].split("\n")[0].endswith(
             "param `train.epochs` |"
@@ -51,12 +65,13 @@ def test_report_shows_param_metrics_plots_and_reruns(project):
     for image in ("training_curves.png", "confusion_HEAD_1.png", "confusion_HEAD.png"):
         assert f"]({image})" in report
         assert (project / "report" / image).read_bytes()[:4] == b"\x89PNG"
-    # Each metric row carries the right old, new and change.
+    # Each row of a metric that moved carries the right old, new and change.
     old, new = (committed_metrics(project, rev) for rev in ("HEAD~1", "HEAD"))
     for key in ("test.accuracy", "test.crossentropy", "validation.crossentropy"):
         section, name = key.split(".")
         before, after = old[section][name], new[section][name]
-        assert f"| `{key}` | {before:.4f} | {after:.4f} | {after - before:.4f} |" in report, key
+        row = f"| `{key}` | {before:.4f} | {after:.4f} | {after - before:.4f} |"
+        assert (row in report) == (before != after), key
 
 
 def committed_metrics(project, rev: str) -> dict:

@@ -253,8 +253,10 @@ def test_a_candidate_whose_worker_is_killed_finishes_on_another_worker(sweep_pro
     project = sweep_project
     scratch = tmp_path / "scratch"
     scratch.mkdir()
-    # Training holds still for 30 s before landing epoch 2, in every attempt: time to kill its worker.
-    environment = environment_with_fault(project, FAULT_AT_RENAME="epoch-002.keras", FAULT="pause", FAULT_PAUSE_S=30)
+    # Training holds still for 30 s before landing epoch 2, in the first attempt: time to kill its worker.
+    environment = environment_with_fault(
+        project, FAULT_AT_RENAME="epoch-002.keras", FAULT="pause", FAULT_PAUSE_S=30, FAULT_PAUSE_ONCE=tmp_path / "held"
+    )
     environment["TMPDIR"] = str(scratch)  # where candidates make their workspaces
     log = tmp_path / "sweep.log"  # a file, not a pipe: a full pipe would stall the sweep's logging
     with log.open("w") as output:
