@@ -52,14 +52,13 @@ def already_done(batches: list[Path], resize: bool) -> set[str]:
     return done
 
 
-def content_key(source: ImageSource) -> tuple[str, str | None]:
-    """(sha256 of the content, or of its stamp when it cannot be read; why it cannot be read, or None)."""
+def content_key(source: ImageSource) -> str:
+    """The sha256 of the source's content; of its name and stamp when it cannot be read (predict says why)."""
     try:
-        return hashlib.sha256(source.read()).hexdigest(), None
-    except (DataError, OSError) as error:
-        reason = str(error).removeprefix(f"{source.name}: ")
+        return hashlib.sha256(source.read()).hexdigest()
+    except (DataError, OSError):
         # Unread, so keyed by name and stamp: a change to the file (or its link) gets it tried again.
-        return hashlib.sha256(f"unread\0{source.name}\0{source.stamp}".encode()).hexdigest(), reason
+        return hashlib.sha256(f"unread\0{source.name}\0{source.stamp}".encode()).hexdigest()
 
 
 @task(cache_policy=NO_CACHE, persist_result=False)
@@ -68,7 +67,7 @@ def unseen_images(incoming: Path, results: Path, resize: bool, max_bytes: int) -
     seen = already_done(sorted(results.glob(BATCH_GLOB)), resize)
     fresh = []
     for source in image_sources([incoming], max_bytes):
-        digest, _ = content_key(source)
+        digest = content_key(source)
         if digest not in seen:
             seen.add(digest)
             fresh.append((source, digest))
