@@ -10,7 +10,9 @@ copied file is not predicted again and a run that died before writing its batch 
 behind that would stop the next run from predicting those images. No file stops a batch: a
 skipped one (unreadable, oversized, a decompression bomb, a link out of INCOMING) is recorded
 with its reason and tried again when its content changes, or when --resize now applies. Run
-once, the exit status is 2 when the batch skipped a file, as for tasks.predict.
+once, the exit status is 2 when the batch skipped a file, as for tasks.predict. Each batch is
+compared with the model's reference profile of its test set (tasks.drift): the verdict, `no drift`
+or `drift: <features>`, is logged, written beside the batch (.drift.json) and a Prefect artifact.
 """
 
 from __future__ import annotations
@@ -24,12 +26,13 @@ from pathlib import Path
 
 import pandas as pd
 from prefect import flow, serve, task
-from prefect.artifacts import create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 
 from tasks.cli import EXIT_BAD_INPUT, filter_native_stderr
-from tasks.io import DataError, atomic_path
+from tasks.drift import DriftReport
+from tasks.io import DataError, atomic_path, write_json
 from tasks.numerics import apply_numerics
 from tasks.params import ParamsError, load_params
 from tasks.predict import ImageSource, image_sources, predict_sources, prod_revision, resolve_model
@@ -38,6 +41,7 @@ log = logging.getLogger("flows.batch_predict")
 
 BATCH_GLOB = "batch-*.csv"
 BATCH_RECORD = ("sha256", "skipped", "resize")  # the columns that say what a batch has done
+DRIFT_TABLE_HEADER = "| feature | score (PSI; class_mix: chi-square p) | |\n|---|---|---|"
 
 
 def already_done(batches: list[Path], resize: bool) -> set[str]:
@@ -80,9 +84,10 @@ def predict_batch(images: list[tuple[ImageSource, str]], root: Path, model: str,
     """Predict `images` and write them, and the skipped ones with their reason, as one new batch file."""
     params = load_params(root / "params.yaml")
     with resolve_model(model, params, root) as predictor:
-        table, skipped = predict_sources(
+        predictions = predict_sources(
             [source for source, _ in images], predictor, resize=resize, max_pixels=params.predict.max_pixels
         )
+    table, skipped = predictions.table, predictions.skipped
     for name, why in skipped:
         log.warning("skipped %s: %s", name, why)
     skipped_rows = pd.DataFrame({"path": [name for name, _ in skipped], "skipped": [why for _, why in skipped]})
@@ -95,12 +100,32 @@ def predict_batch(images: list[tuple[ImageSource, str]], root: Path, model: str,
     results.mkdir(parents=True, exist_ok=True)
     with atomic_path(path, suffix=".csv") as temporary:
         batch.to_csv(temporary, index=False)
+    verdict = record_drift(predictions.drift, path)
     create_table_artifact(
         table=batch[["path", "predicted", "skipped"]].fillna("").to_dict("records"),
         key="cifar10-batch-predictions",
-        description=f"{len(table)} images predicted, {len(skipped)} skipped: {path}",
+        description=f"{len(table)} images predicted, {len(skipped)} skipped; {verdict}: {path}",
     )
     return path
+
+
+def record_drift(drift: DriftReport | None, batch: Path) -> str:
+    """Write the batch's drift report beside it (.drift.json) and as a Prefect artifact; its verdict."""
+    if drift is None:
+        return "no drift verdict: the model has no reference profile"
+    write_json(batch.with_suffix(".drift.json"), drift.as_dict())
+    rows = [
+        f"| {name} | {score} | {'drift' if name in drift.drifted else ''} |" for name, score in drift.scores.items()
+    ]
+    create_markdown_artifact(
+        key="cifar10-batch-drift",
+        markdown="\n".join(
+            [f"**{drift.verdict}** ({drift.images} images, {batch.name})", "", DRIFT_TABLE_HEADER, *rows]
+        ),
+        description=f"{batch.name}: {drift.verdict}",
+    )
+    log.log(logging.WARNING if drift.drifted else logging.INFO, "%s: %s", batch.name, drift.verdict)
+    return drift.verdict
 
 
 @flow(name="cifar10-batch-predict", persist_result=False)

@@ -1,4 +1,4 @@
-"""Evaluate: the only stage that touches the test set; metrics, per-class figures and plots."""
+"""Evaluate: the only stage that touches the test set; metrics, per-class figures, plots and the drift reference."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from tasks.cli import run_stage
+from tasks.drift import reference_profile
 from tasks.io import (
     DataError,
     atomic_path,
@@ -225,7 +226,7 @@ def plot_samples(
 def run(params: Params) -> list[Path]:
     """Score the selected model on the test set; write metrics, tables and plots."""
     # Imports Keras: after run_stage has set the numerics.
-    from tasks.model import computes_in, predict_in_batches
+    from tasks.model import computes_in, predict_with_embeddings, with_embeddings
 
     paths = params.paths
     test = read_arrays(paths.prepared / "dataset.npz", ("x_test", "y_test"))
@@ -233,7 +234,8 @@ def run(params: Params) -> list[Path]:
     best = read_json(paths.model / "best.json", required=BEST_KEYS)
     model = load_model(paths.model / "model.keras", sha256=best["sha256"])
     log.info("scoring %s (epoch %d) on %d test images", paths.model / "model.keras", best["epoch"], test["y_test"].size)
-    probabilities = predict_in_batches(model, test["x_test"], batch_size=500)
+    # One pass gives the probabilities (the same bytes as the model alone) and the drift profile's embeddings.
+    probabilities, embeddings = predict_with_embeddings(with_embeddings(model), test["x_test"])
     if not np.all(np.isfinite(probabilities)):
         raise DataError(f"{paths.model / 'model.keras'}: the model predicts non-finite probabilities")
     scores = score_predictions(probabilities, test["y_test"].astype(np.int64), class_names)
@@ -247,6 +249,11 @@ def run(params: Params) -> list[Path]:
         # Tracked beside the metrics: a metrics change with no input change points here.
         write_json(paths.metrics / "environment.json", environment_record(params.numerics, computes_in(model))),
         write_table(paths.metrics / "per_class.csv", scores.per_class.round(4)),
+        # What batches and the service compare their inputs with (tasks.drift): no labels needed.
+        write_json(
+            paths.metrics / "reference_profile.json",
+            reference_profile(test["x_test"], probabilities, embeddings, class_names),
+        ),
         write_table(
             paths.metrics / "predictions.csv",
             pd.DataFrame({"actual": names[test["y_test"]], "predicted": names[predicted]}),

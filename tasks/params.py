@@ -249,6 +249,17 @@ class PredictParams(_Section):
     max_pixels: PositiveInt = 4096 * 4096
 
 
+class ServeParams(_Section):
+    # Concurrent requests are grouped into one model call: a batch closes after its first request
+    # has waited window_ms, or once it holds max_batch images (1: every request on its own).
+    window_ms: Annotated[float, Field(ge=0, le=1000, allow_inf_nan=False)] = 5.0
+    max_batch: PositiveInt = 64
+    # The served images are compared with the model's reference profile every drift_window images.
+    drift_window: Annotated[int, Field(ge=200, strict=True)] = 500
+    # How often the service asks the registry's remote where prod is (--model prod).
+    poll_s: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 30.0
+
+
 class Params(_Section):
     seed: Annotated[int, Field(ge=0, strict=True)]
     numerics: NumericsParams = NumericsParams()
@@ -259,6 +270,7 @@ class Params(_Section):
     select_best: SelectBestParams
     promote: PromoteParams = PromoteParams()
     predict: PredictParams = PredictParams()
+    serve: ServeParams = ServeParams()
 
 
 def _describe(error: dict) -> str:

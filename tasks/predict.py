@@ -10,6 +10,8 @@ unreadable, oversized (predict.max_file_bytes), bomb-sized (predict.max_pixels) 
 (symbolic links out of their folder, zip members named '..' or absolute) are listed with their
 reason, never fatal: the rest are still predicted. Exit status 2 when any file was skipped.
 Images are decoded and predicted --chunk at a time, so memory does not grow with their number.
+The images are compared with the model's reference profile of its test set (tasks.drift) and the
+verdict logged: `no drift`, `drift: <features>`, or no verdict under 200 images.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from tasks.cli import EXIT_BAD_INPUT, configure_logging, filter_native_stderr
+from tasks.drift import DriftReport, batch_features, compare, concatenate_features
 from tasks.ingest import IMAGE_SUFFIXES, MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, decode_image
 from tasks.io import DataError, atomic_path, read_class_names, read_json
 from tasks.model_files import load_model
@@ -39,10 +42,9 @@ from tasks.params import DEFAULT_PARAMS_PATH, Params, ParamsError, load_params
 
 log = logging.getLogger(__name__)
 
-BATCH_SIZE = 500
 # Images decoded and predicted at a time: memory stays bounded (12 MB of 32x32 pixels) however many
-# are given. A multiple of BATCH_SIZE, so the model sees the batches evaluate does.
-CHUNK_IMAGES = 8 * BATCH_SIZE
+# are given. Each image's probabilities do not depend on it (tasks.model.INFERENCE_BATCH).
+CHUNK_IMAGES = 4000
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,14 @@ class Predictor:
     sha256: str
     class_names: list[str]
     image_size: int
+    profile: dict | None = None  # evaluate's reference profile of the test set (tasks.drift); None if absent
+
+
+@dataclass(frozen=True)
+class Predictions:
+    table: pd.DataFrame  # prediction_table's rows
+    skipped: list[tuple[str, str]]  # (name, reason)
+    drift: DriftReport | None  # the predicted images against the model's reference profile, if it has one
 
 
 def refusal(name: str, reason: str) -> Callable[[], bytes]:
@@ -178,15 +188,6 @@ def prediction_table(names: list[str], probabilities: np.ndarray, class_names: l
     return table
 
 
-def predict_images(model, images: np.ndarray, num_classes: int) -> np.ndarray:
-    """Class probabilities for uint8 images, BATCH_SIZE at a time."""
-    from tasks.model import predict_in_batches  # imports Keras: after the numerics are set
-
-    if images.shape[0] == 0:
-        return np.zeros((0, num_classes))
-    return predict_in_batches(model, images, batch_size=BATCH_SIZE)
-
-
 def prod_revision(params: Params, root: Path) -> str:
     """The commit of the registry's `prod` version, as its remote has it; DataError when none is in prod."""
     from tasks.promote import champion_version
@@ -197,6 +198,21 @@ def prod_revision(params: Params, root: Path) -> str:
     return champion["commit_hexsha"]
 
 
+REFERENCE_PROFILE = "reference_profile.json"  # evaluate's, under paths.metrics (a DVC output)
+
+
+def reference_profile_at(root: Path, path: Path, revision: str | None, scratch: Path | None = None) -> dict | None:
+    """The reference profile at `path` in the workspace (revision None) or at a git revision; None if it has none."""
+    from tasks.promote import PromotionError, fetch_at_revision
+
+    if revision is None:
+        return read_json(path) if path.exists() else None
+    try:
+        return read_json(fetch_at_revision(root, path, revision, scratch / REFERENCE_PROFILE))
+    except PromotionError:
+        return None  # a model evaluated before profiles existed: predicted as ever, without a drift verdict
+
+
 @contextlib.contextmanager
 def resolve_model(choice: str, params: Params, root: Path) -> Iterator[Predictor]:
     """The model `choice` names (workspace, prod or a git revision), fetched into a temporary folder if needed."""
@@ -204,10 +220,12 @@ def resolve_model(choice: str, params: Params, root: Path) -> Iterator[Predictor
 
     size = params.ingest.image_size
     report = params.paths.prepared / "report.json"
+    profile_path = params.paths.metrics / REFERENCE_PROFILE
     if choice == "workspace":
         best = read_json(params.paths.model / "best.json", required=("sha256",))
         class_names = read_class_names(report)
-        yield Predictor(params.paths.model / "model.keras", best["sha256"], class_names, size)
+        profile = reference_profile_at(root, profile_path, None)
+        yield Predictor(params.paths.model / "model.keras", best["sha256"], class_names, size, profile)
         return
     revision = choice
     if choice == "prod":
@@ -217,7 +235,24 @@ def resolve_model(choice: str, params: Params, root: Path) -> Iterator[Predictor
         fetched_report = fetch_at_revision(root, report, revision, Path(scratch) / "report.json")
         class_names = read_class_names(fetched_report)
         best = read_json(folder / "best.json", required=("sha256",))
-        yield Predictor(folder / "model.keras", best["sha256"], class_names, size)
+        profile = reference_profile_at(root, profile_path, revision, Path(scratch))
+        yield Predictor(folder / "model.keras", best["sha256"], class_names, size, profile)
+
+
+def load_predictor_model(predictor: Predictor):
+    """The predictor's model (sha256 checked, safe mode) with its embeddings as a second output."""
+    from tasks.model import with_embeddings  # imports Keras: after the numerics are set
+
+    return with_embeddings(load_model(predictor.model_path, sha256=predictor.sha256))
+
+
+def predict_images(model, images: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(class probabilities, embeddings) of uint8 images from a `load_predictor_model` model."""
+    from tasks.model import predict_with_embeddings
+
+    if images.shape[0] == 0:
+        return np.zeros((0, num_classes)), np.zeros((0, 0))
+    return predict_with_embeddings(model, images)
 
 
 def predict_sources(
@@ -227,11 +262,11 @@ def predict_sources(
     resize: bool,
     chunk: int = CHUNK_IMAGES,
     max_pixels: int = MAX_IMAGE_PIXELS,
-) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
-    """Decode and predict `sources`, `chunk` at a time; (the prediction table, the skipped files with reasons)."""
-    model = load_model(predictor.model_path, sha256=predictor.sha256)
+) -> Predictions:
+    """Decode and predict `sources`, `chunk` at a time: the table, the skipped files, the drift report."""
+    model = load_predictor_model(predictor)
     num_classes = len(predictor.class_names)
-    tables, skipped = [], []
+    tables, skipped, features = [], [], []
     decoding = predicting = 0.0
     for start in range(0, len(sources), chunk):
         started = time.perf_counter()
@@ -239,7 +274,10 @@ def predict_sources(
             sources[start : start + chunk], predictor.image_size, resize=resize, max_pixels=max_pixels
         )
         decoded = time.perf_counter()
-        tables.append(prediction_table(names, predict_images(model, images, num_classes), predictor.class_names))
+        probabilities, embeddings = predict_images(model, images, num_classes)
+        tables.append(prediction_table(names, probabilities, predictor.class_names))
+        if predictor.profile is not None and len(images):
+            features.append(batch_features(predictor.profile, images, probabilities, embeddings))
         skipped += refused
         decoding, predicting = decoding + decoded - started, predicting + time.perf_counter() - decoded
         if len(sources) > chunk:
@@ -256,7 +294,10 @@ def predict_sources(
     tables = [table for table in tables if len(table)] or [
         prediction_table([], np.zeros((0, num_classes)), predictor.class_names)
     ]
-    return pd.concat(tables, ignore_index=True), skipped
+    drift = compare(predictor.profile, concatenate_features(features)) if features else None
+    if drift is not None:
+        log.info("inputs against the test set's profile: %s", drift.verdict)
+    return Predictions(pd.concat(tables, ignore_index=True), skipped, drift)
 
 
 def positive_int(text: str) -> int:
@@ -287,18 +328,18 @@ def main() -> None:
         with resolve_model(arguments.model, params, Path.cwd()) as predictor:
             log.info("model %s: %s (sha256 %s)", arguments.model, predictor.model_path.name, predictor.sha256[:12])
             sources = list(image_sources(arguments.paths, params.predict.max_file_bytes))
-            table, skipped = predict_sources(
+            predictions = predict_sources(
                 sources, predictor, resize=arguments.resize, chunk=arguments.chunk, max_pixels=params.predict.max_pixels
             )
     except (ParamsError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
     with atomic_path(arguments.out, suffix=".csv") as temporary:
-        table.to_csv(temporary, index=False)
+        predictions.table.to_csv(temporary, index=False)
     log.info("wrote %s", arguments.out)
-    for name, reason in skipped:
+    for name, reason in predictions.skipped:
         print(f"skipped {name}: {reason}", file=sys.stderr)
-    if skipped:
+    if predictions.skipped:
         sys.exit(EXIT_BAD_INPUT)
 
 

@@ -214,7 +214,7 @@ def predicted_labels(model_path: Path, sha256: str, images: np.ndarray) -> np.nd
     from tasks.model import predict_in_batches  # imports Keras: after run_stage has set the numerics
 
     model = load_model(model_path, sha256=sha256)
-    return predict_in_batches(model, images, batch_size=500).argmax(axis=1)
+    return predict_in_batches(model, images).argmax(axis=1)
 
 
 def registering_problems(root: Path, params: Params) -> list[str]:

@@ -376,3 +376,31 @@ def flip_a_byte(path: Path) -> None:
     payload[len(payload) // 2] ^= 0xFF
     path.unlink()
     path.write_bytes(bytes(payload))
+
+
+# ---- the registry: a bare repository as the team's shared remote (promote, serve) ----
+
+
+def git(project: Path, *arguments: str) -> str:
+    return run_command(["git", *arguments], project).stdout.strip()
+
+
+def shared_remote(project: Path, bare: Path) -> Path:
+    """A new bare repository as the project's `origin`, holding its branch: the registry's home."""
+    run_command(["git", "init", "--quiet", "--bare", str(bare)], project.parent)
+    if "origin" in git(project, "remote").split():
+        git(project, "remote", "remove", "origin")
+    git(project, "remote", "add", "origin", str(bare))
+    git(project, "push", "--quiet", "origin", "HEAD")
+    return bare
+
+
+@pytest.fixture
+def registry_project(project, tmp_path):
+    """The reproduced tiny project with a git identity, a local DVC remote and a bare git remote, as promotion needs."""
+    git(project, "config", "user.name", "Pipeline Test")
+    git(project, "config", "user.email", "pipeline@example.com")
+    run_command([*DVC, "remote", "add", "-d", "store", str(tmp_path / "dvc-remote")], project)
+    git(project, "commit", "-qam", "DVC remote")
+    shared_remote(project, tmp_path / "shared.git")
+    return project

@@ -231,9 +231,13 @@ def test_batch_norm_and_gelu_closed_form_gradients_match_autodiff_of_their_formu
     np.testing.assert_allclose(norm.moving_mean.numpy(), 0.01 * images.numpy().mean(axis=(0, 1, 2)), rtol=1e-5)
 
 
-def test_predictions_in_batches_are_keras_predict_s_bytes_in_image_order():
+def test_an_image_s_outputs_do_not_depend_on_the_images_predicted_beside_it():
     model = build_model("tutorial_cnn", (32, 32, 3), 10)
-    images = _images(count=7)  # batches of 3: the last one partial
-    batched = predict_in_batches(model, images, batch_size=3)
-    assert batched.shape == (7, 10)
-    assert batched.tobytes() == np.asarray(model.predict(images, batch_size=3, verbose=0)).tobytes()
+    images = _images(count=20)  # batches of 8: the last one padded
+    together = predict_in_batches(model, images)
+    assert together.shape == (20, 10)
+    alone = np.concatenate([predict_in_batches(model, images[index : index + 1]) for index in range(len(images))])
+    backwards = predict_in_batches(model, images[::-1])[::-1]
+    assert together.tobytes() == alone.tobytes() == backwards.tobytes()
+    # Full batches are Keras' own predict's bytes at that batch size.
+    assert together[:16].tobytes() == np.asarray(model.predict(images[:16], batch_size=8, verbose=0)).tobytes()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import sys
@@ -128,6 +129,10 @@ def test_batch_flow_predicts_each_file_once(project, prefect_api):
     ]  # the copy of circle-0000 under another name is the same content: predicted once
     assert table.set_index(table["path"].map(lambda path: Path(path).name)).loc["broken.png", "skipped"]
     assert (table.loc[table["skipped"] == "", "predicted"] != "").all()
+    # Compared with the model's reference profile of its test set: too few images here for a verdict.
+    drift = json.loads(first.with_suffix(".drift.json").read_text())
+    assert drift["images"] == 3 and drift["verdict"] == "no verdict: 3 images, fewer than 200"
+    assert set(drift["scores"]) >= {"brightness", "sharpness", "confidence", "embedding_distance", "class_mix"}
     run_command(batch, project)  # nothing new: no second batch
     assert sorted((project / "results").glob("batch-*.csv")) == [first]
     shutil.copy(project / "source/test/cross/0000.png", incoming / "cross.png")

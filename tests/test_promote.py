@@ -16,7 +16,7 @@ import pytest
 
 from tasks.params import PromoteParams
 from tasks.promote import ARTIFACT, compare, decide, mcnemar_one_sided, required_gain
-from tests.conftest import DVC, edit_params, run_command, wait_until
+from tests.conftest import DVC, edit_params, git, run_command, shared_remote, wait_until
 from tests.test_faults import environment_with_fault, run_killed
 
 GTO = [str(Path(sys.executable).with_name("gto"))]
@@ -92,31 +92,6 @@ def test_gate_promotes_only_a_gain_that_is_large_enough_and_significant():
 
 
 # ---- promotion end to end: real dvc, gto and git, a bare repository as the team's shared remote ----
-
-
-def git(project: Path, *arguments: str) -> str:
-    return run_command(["git", *arguments], project).stdout.strip()
-
-
-def shared_remote(project: Path, bare: Path) -> Path:
-    """A new bare repository as the project's `origin`, holding its branch: the registry's home."""
-    run_command(["git", "init", "--quiet", "--bare", str(bare)], project.parent)
-    if "origin" in git(project, "remote").split():
-        git(project, "remote", "remove", "origin")
-    git(project, "remote", "add", "origin", str(bare))
-    git(project, "push", "--quiet", "origin", "HEAD")
-    return bare
-
-
-@pytest.fixture
-def registry_project(project, tmp_path):
-    """The reproduced tiny project with a git identity, a local DVC remote and a bare git remote, as promotion needs."""
-    git(project, "config", "user.name", "Pipeline Test")
-    git(project, "config", "user.email", "pipeline@example.com")
-    run_command([*DVC, "remote", "add", "-d", "store", str(tmp_path / "dvc-remote")], project)
-    git(project, "commit", "-qam", "DVC remote")
-    shared_remote(project, tmp_path / "shared.git")
-    return project
 
 
 def retrain(project: Path, **train) -> None:
