@@ -10,17 +10,24 @@ Runs that collide wait for the running one to finish (deployment concurrency lim
 ENQUEUE): two runs never work on the workspace at the same time.
 
 A run whose process died with the machine, the server or this process (SIGKILL, OOM) would
-hold that one slot for good: on start, before serving, runs of the deployment that are
-still Pending, Running or Cancelling but whose process is gone are marked Crashed, which
-releases their slot; the next run resumes training from its checkpoints.
+hold that one slot for good. A run is taken for dead only on evidence, and unknown is alive:
+on start and every minute while serving, runs of the deployment that are still Pending,
+Running or Cancelling whose process recorded on this host is gone (or ran before this boot),
+or that recorded none for 5 minutes after they were submitted, are proposed Crashed (never
+forced: a run that finished meanwhile stays finished), which releases their slot; the next
+run resumes training from its checkpoints. Runs on other hosts are left to Prefect's heartbeats:
+an automation, created once per deployment, marks a run Crashed after three missed heartbeats.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
+import threading
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from prefect import serve
@@ -45,19 +52,54 @@ def build_deployment(*, name: str, cron: str, root: Path, promote: bool = False)
     )
 
 
+# A run with no process recorded yet is starting: its flow records itself within seconds of its
+# process starting. Only after this long without a record is it taken for dead (the scheduler
+# died while submitting it). CIFAR10_PENDING_LIMIT_S overrides it.
+PENDING_LIMIT_S = 300.0
+SWEEP_EVERY_S = 60.0  # how often a serving scheduler looks for dead runs again
+# The zombie automation marks a run Crashed after this many heartbeats missed in a row.
+MISSED_HEARTBEATS = 3
+
+
+def liveness(tag: str | None, state_age_s: float, pending_limit_s: float) -> tuple[bool | None, str]:
+    """(alive?, why) for a run from its recorded process and the age of its state: None when unknown.
+
+    Dead only on evidence: its process recorded on this host is gone (or this host has rebooted
+    since), or nothing was recorded for longer than `pending_limit_s`. A process recorded on
+    another host is unknown here: its heartbeats decide (the zombie automation).
+    """
+    if tag and tag.count(":") >= 3:
+        host, pid, start, boot_id = tag.rsplit(":", 3)
+        here, this_boot_id = this_boot()
+        if host != here:
+            return None, f"its process {tag} is on host {host}: left to its heartbeats"
+        if boot_id != this_boot_id:
+            return False, "its process ran before this machine's last boot"
+        # The start time, not the pid alone: pids wrap around (32,768 here) and get reused, by threads too.
+        if process_start(int(pid)) == start:
+            return True, f"its process {tag} is alive"
+        return False, f"its process {tag} is gone"
+    if state_age_s > pending_limit_s:
+        return False, f"no process recorded {state_age_s:.0f} s after it was submitted (the scheduler died?)"
+    return None, f"no process recorded yet, {state_age_s:.0f} s after it was submitted: starting"
+
+
 def process_alive(tag: str | None) -> bool:
     """Whether the process a run recorded (`host:pid:start:boot id`) is alive on this host now."""
-    if not tag or tag.count(":") < 3:
-        return False  # never recorded: the run died before its flow started (Pending, Submitting)
-    host, pid, start, boot_id = tag.rsplit(":", 3)
-    if (host, boot_id) != this_boot():
-        return False  # another boot of this machine: every process of it is gone
-    # The start time, not the pid alone: pids wrap around (32,768 here) and get reused, by threads too.
-    return process_start(int(pid)) == start
+    return liveness(tag, 0.0, float("inf"))[0] is True
+
+
+def pending_limit_s() -> float:
+    """PENDING_LIMIT_S, or CIFAR10_PENDING_LIMIT_S from the environment."""
+    return float(os.environ.get("CIFAR10_PENDING_LIMIT_S", PENDING_LIMIT_S))
 
 
 def crash_dead_runs(deployment_name: str) -> list[str]:
-    """Mark the deployment's Pending/Running/Cancelling runs whose process is gone Crashed; their slots come free."""
+    """Mark the deployment's Pending/Running/Cancelling runs that are dead on evidence Crashed; their slots come free.
+
+    The transition is proposed, never forced: a run that reached a final state meanwhile
+    (Completed between the read and the write) stays as it is, as Prefect's rules say.
+    """
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
         FlowRunFilter,
@@ -67,8 +109,8 @@ def crash_dead_runs(deployment_name: str) -> list[str]:
     )
     from prefect.client.schemas.objects import StateType
     from prefect.exceptions import ObjectNotFound
-    from prefect.states import Crashed
 
+    limit = pending_limit_s()
     with get_client(sync_client=True) as client:
         try:
             deployment = client.read_deployment_by_name(deployment_name)
@@ -84,24 +126,111 @@ def crash_dead_runs(deployment_name: str) -> list[str]:
         )
         crashed = []
         for run in stuck:
-            if process_alive(run.infrastructure_pid):
-                log.info(
-                    "flow run %s is %s and its process %s is alive: left alone",
-                    run.name,
-                    run.state_name,
-                    run.infrastructure_pid,
-                )
+            age = (datetime.now(UTC) - run.state.timestamp).total_seconds()
+            alive, why = liveness(run.infrastructure_pid, age, limit)
+            if alive is not False:
+                log.info("flow run %s is %s: %s; left alone", run.name, run.state_name, why)
                 continue
-            # force: a Cancelling run may not become Crashed otherwise; Prefect's rule that releases
-            # the deployment's concurrency slot still runs on a forced transition.
-            client.set_flow_run_state(
-                run.id, Crashed(message="its process is gone (machine, server or scheduler crash)"), force=True
-            )
-            log.warning(
-                "flow run %s (%s) was %s but its process is gone: marked Crashed", run.name, run.id, run.state_name
-            )
+            if not propose_crashed(client, run, f"{why} (machine, server or scheduler crash)"):
+                continue
+            log.warning("flow run %s (%s) was %s but %s: ended", run.name, run.id, run.state_name, why)
             crashed.append(run.name)
     return crashed
+
+
+def propose_crashed(client, run, message: str) -> bool:
+    """Propose the end of a dead run, unforced, so Prefect refuses it for a run already final; whether it took.
+
+    Crashed, or Cancelled for a run that was Cancelling: its cancellation is complete, and
+    Prefect lets a Cancelling run end in Cancelled only.
+    """
+    from prefect.states import Cancelled, Crashed
+
+    end = Cancelled if run.state is not None and run.state.type.value == "CANCELLING" else Crashed
+    result = client.set_flow_run_state(run.id, end(message=message))
+    if result.status.value != "ACCEPT":
+        log.info("flow run %s: not marked %s (%s)", run.name, end.__name__, result.details.reason)
+    return result.status.value == "ACCEPT"
+
+
+def zombie_automation_name(deployment_name: str) -> str:
+    """The name of the deployment's zombie automation (one per deployment)."""
+    return f"{deployment_name}: crash runs whose heartbeats stopped"
+
+
+def ensure_zombie_automation(deployment_name: str) -> str:
+    """Create, or bring up to date, the automation that marks the deployment's silent runs Crashed; its id.
+
+    Prefect's documented zombie detection: a run that has sent a heartbeat and then sends
+    neither another nor a final state within MISSED_HEARTBEATS heartbeat periods is Crashed,
+    which frees its slot even when no scheduler is restarted. Idempotent: one per deployment.
+    """
+    from prefect.automations import Automation
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import EventTrigger, Posture
+    from prefect.events.schemas.events import ResourceSpecification
+    from prefect.settings import get_current_settings
+
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name(deployment_name)
+        heartbeat_s = get_current_settings().flows.heartbeat_frequency
+        silence = timedelta(seconds=MISSED_HEARTBEATS * heartbeat_s)
+        wanted = Automation(
+            name=zombie_automation_name(deployment_name),
+            description=f"No heartbeat for {silence.total_seconds():.0f} s ({MISSED_HEARTBEATS} missed): dead.",
+            trigger=EventTrigger(
+                after={"prefect.flow-run.heartbeat"},
+                expect={
+                    "prefect.flow-run.heartbeat",
+                    "prefect.flow-run.Completed",
+                    "prefect.flow-run.Failed",
+                    "prefect.flow-run.Cancelled",
+                    "prefect.flow-run.Crashed",
+                },
+                match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+                match_related=ResourceSpecification(
+                    {
+                        "prefect.resource.role": "deployment",
+                        "prefect.resource.id": f"prefect.deployment.{deployment.id}",
+                    }
+                ),
+                for_each={"prefect.resource.id"},
+                posture=Posture.Proactive,
+                threshold=1,
+                within=silence,
+            ),
+            actions=[
+                ChangeFlowRunState(
+                    state=StateType.CRASHED,
+                    message=f"no heartbeat for {silence.total_seconds():.0f} s: its process is gone",
+                )
+            ],
+        )
+        existing = client.read_automations_by_name(name=wanted.name)
+    if not existing:
+        created = wanted.create()
+        log.info("created the automation %r", wanted.name)
+        return str(created.id)
+    first, *duplicates = existing
+    for duplicate in duplicates:  # two schedulers that started at the same moment
+        Automation(**duplicate.model_dump()).delete()
+    current = Automation(**first.model_dump())
+    if (current.trigger, current.actions) != (wanted.trigger, wanted.actions):
+        wanted.id = current.id
+        wanted.update()
+        log.info("updated the automation %r", wanted.name)
+    return str(current.id)
+
+
+def sweep_dead_runs_forever(deployment_name: str, stop: threading.Event) -> None:
+    """Look for dead runs every SWEEP_EVERY_S while serving: a run orphaned now is freed without a restart."""
+    while not stop.wait(SWEEP_EVERY_S):
+        try:
+            crash_dead_runs(deployment_name)
+        except Exception as error:  # the server restarting, say: try again at the next sweep
+            log.warning("looking for dead runs failed: %s", error)
 
 
 def main() -> None:
@@ -118,8 +247,14 @@ def main() -> None:
     # SIGTERM (from a service manager) stops serving the way Ctrl-C does.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    crash_dead_runs(f"{cifar10_pipeline.name}/{arguments.name}")
+    deployment_name = f"{cifar10_pipeline.name}/{arguments.name}"
+    crash_dead_runs(deployment_name)
     deployment = build_deployment(name=arguments.name, cron=arguments.cron, root=Path.cwd(), promote=arguments.promote)
+    deployment.apply()  # registered before serving, so that its automation can name it
+    ensure_zombie_automation(deployment_name)
+    threading.Thread(
+        target=sweep_dead_runs_forever, args=(deployment_name, threading.Event()), name="dead-runs", daemon=True
+    ).start()
     serve(deployment, pause_on_shutdown=False, print_starting_message=True)
 
 

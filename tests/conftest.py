@@ -317,6 +317,8 @@ def start_prefect_server(home: Path, port: int) -> subprocess.Popen:
         "PREFECT_SERVER_UI_ENABLED": "false",
         # Let a queued deployment run take its slot seconds after the running one ends (default 30 s).
         "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "3",
+        # As pyproject.toml sets it for a server started from the project root: leases survive a restart.
+        "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": "prefect.server.concurrency.lease_storage.filesystem",
     }
     server = subprocess.Popen(
         [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],

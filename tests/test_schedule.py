@@ -6,6 +6,7 @@ import contextlib
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -141,7 +142,8 @@ def test_a_run_left_pending_by_a_dead_scheduler_is_crashed_on_restart(project, p
         orphan = client.create_flow_run_from_deployment(deployment.id)
         client.set_flow_run_state(orphan.id, Pending())
         assert _slots_in_use(client, deployment.id) == 1
-        runner = start_serving(project)
+        time.sleep(2)  # older than the limit below: no process recorded, so taken for dead
+        runner = start_serving(project, project_environment(project.parent) | {"CIFAR10_PENDING_LIMIT_S": "1"})
         try:
             (run,) = _trigger_and_wait(client, deployment.id, 1, timeout_s=240)
         finally:
@@ -181,6 +183,12 @@ def _assert_recovers(project, client, deployment_id, dead_run, first_epoch) -> N
     wait_until(lambda: client.read_flow_run(dead_run.id).state.is_crashed(), 120, "the dead run to be marked Crashed")
     (run,) = _trigger_and_wait(client, deployment_id, 1, timeout_s=300)
     assert run.state.is_completed(), run.state
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    logged = "\n".join(
+        line.message for line in client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
+    )
+    assert "resuming from" in logged and "epoch-001.keras" in logged, logged[-2000:]
     assert checkpoint_history(project) == [1, 2, 3, 4]
     assert checkpoint_bytes(project, (1,)) == first_epoch  # resumed after epoch 1, not started over
     assert "up to date" in run_command([*DVC, "status"], project).stdout
@@ -256,3 +264,78 @@ def test_a_recorded_process_counts_as_alive_only_while_that_very_process_runs():
     assert not process_alive(child_tag)
     child.wait(timeout=10)
     assert not process_alive(child_tag)
+
+
+def test_only_runs_dead_on_evidence_are_crashed_and_a_final_run_is_never_overwritten(prefect_api, monkeypatch):
+    import os
+    import socket
+    import uuid
+
+    from prefect.states import Cancelling, Completed, Pending, Running
+
+    from flows.pipeline import process_start, process_tag, this_boot
+    from flows.schedule import crash_dead_runs, propose_crashed
+
+    host, boot_id = this_boot()
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    dead_here = f"{host}:{child.pid}:{process_start(os.getpid())}:{boot_id}"  # a pid that is gone
+    with prefect_client(prefect_api) as client:
+        flow_id = client.create_flow_from_name("cifar10-pipeline")
+        name = f"evidence-{uuid.uuid4().hex[:8]}"
+        deployment_id = client.create_deployment(flow_id=flow_id, name=name)
+
+        def run_in(state, tag=None):
+            run = client.create_flow_run_from_deployment(deployment_id)
+            if tag:  # first: Prefect cancels a Cancelling run at once when it has no process to stop
+                client.update_flow_run(run.id, infrastructure_pid=tag)
+                client.set_flow_run_state(run.id, Running(), force=True)
+            client.set_flow_run_state(run.id, state, force=True)
+            return run.id
+
+        starting = run_in(Pending())  # just submitted: no process recorded yet
+        elsewhere = run_in(Running(), f"{socket.gethostname()}-other:4242:1:{boot_id}")  # another host
+        alive = run_in(Running(), process_tag())
+        gone = run_in(Running(), dead_here)
+        rebooted = run_in(Running(), f"{host}:{os.getpid()}:{process_start(os.getpid())}:a-boot-before-this-one")
+        cancelling = run_in(Cancelling(), dead_here)
+        monkeypatch.setenv("PREFECT_API_URL", prefect_api)
+        crashed = crash_dead_runs(f"cifar10-pipeline/{name}")
+        state = {
+            run: client.read_flow_run(run).state for run in (starting, elsewhere, alive, gone, rebooted, cancelling)
+        }
+        assert [state[run].type.value for run in (starting, elsewhere, alive)] == ["PENDING", "RUNNING", "RUNNING"]
+        assert [state[run].type.value for run in (gone, rebooted)] == ["CRASHED"] * 2
+        assert state[cancelling].type.value == "CANCELLED"  # its cancellation is complete: its process is gone
+        assert len(crashed) == 3
+        assert "is gone" in state[gone].message and "before this machine's last boot" in state[rebooted].message
+        # The same submitted run, once nothing was recorded for longer than the limit: dead.
+        monkeypatch.setenv("CIFAR10_PENDING_LIMIT_S", "0")
+        assert len(crash_dead_runs(f"cifar10-pipeline/{name}")) == 1
+        assert client.read_flow_run(starting).state.is_crashed()
+        assert client.read_flow_run(elsewhere).state.is_running()  # unknown stays alive: heartbeats decide
+        # A run that completed between the read and the proposal stays Completed.
+        finished = client.read_flow_run(run_in(Completed(), dead_here))
+        assert not propose_crashed(client, finished, "its process is gone")
+        assert client.read_flow_run(finished.id).state.is_completed()
+
+
+def test_the_zombie_automation_is_created_once_and_watches_this_deployment(prefect_api, monkeypatch):
+    import uuid
+
+    from prefect.settings import get_current_settings
+
+    from flows.schedule import MISSED_HEARTBEATS, ensure_zombie_automation, zombie_automation_name
+
+    monkeypatch.setenv("PREFECT_API_URL", prefect_api)
+    with prefect_client(prefect_api) as client:
+        name = f"zombies-{uuid.uuid4().hex[:8]}"
+        deployment_id = client.create_deployment(flow_id=client.create_flow_from_name("cifar10-pipeline"), name=name)
+        first = ensure_zombie_automation(f"cifar10-pipeline/{name}")
+        assert ensure_zombie_automation(f"cifar10-pipeline/{name}") == first  # a restart finds it
+        (automation,) = client.read_automations_by_name(zombie_automation_name(f"cifar10-pipeline/{name}"))
+    heartbeat_s = get_current_settings().flows.heartbeat_frequency
+    assert automation.trigger.within.total_seconds() == MISSED_HEARTBEATS * heartbeat_s
+    assert automation.trigger.posture.value == "Proactive" and "prefect.flow-run.heartbeat" in automation.trigger.after
+    assert f"prefect.deployment.{deployment_id}" in str(automation.trigger.match_related)
+    assert automation.actions[0].state.value == "CRASHED"
