@@ -17,7 +17,6 @@ import argparse
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows import stage_command_environment
+from flows.liveness import process_tag
 from tasks.cli import EXIT_BAD_INPUT, EXIT_BUSY
 from tasks.ingest import RESTORE_HINT, fetch_source, source_pointer
 from tasks.io import DataError, WorkspaceBusyError, read_json
@@ -256,30 +256,6 @@ def cifar10_pipeline(root: str = ".", promote: bool = False) -> list[StageOutcom
     logger.info("%s", run_summary(outcomes, metrics, params.paths))
     publish_summary(outcomes, metrics)
     return outcomes
-
-
-def this_boot() -> tuple[str, str]:
-    """(host name, boot id): processes recorded under another pair are gone."""
-    return socket.gethostname(), Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-
-
-def process_start(pid: int) -> str | None:
-    """When process `pid` started (clock ticks since boot, /proc/<pid>/stat), or None when it is gone or a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # The command name (field 2) is in parentheses and may hold spaces; state is field 3, start time field 22.
-    fields = stat.rpartition(")")[2].split()
-    # A killed process whose parent is gone too waits as a zombie until init reaps it, and some
-    # container inits never do: it has kept its pid and start time but runs nothing.
-    return None if fields[0] in ("Z", "X") else fields[19]
-
-
-def process_tag() -> str:
-    """`host:pid:start:boot id` of this process: on this host, tells it apart from a later one with its pid."""
-    host, boot_id = this_boot()
-    return f"{host}:{os.getpid()}:{process_start(os.getpid())}:{boot_id}"
 
 
 def record_run_process() -> None:

@@ -33,7 +33,8 @@ from pathlib import Path
 from prefect import serve
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 
-from flows.pipeline import cifar10_pipeline, process_start, this_boot
+from flows.liveness import liveness
+from flows.pipeline import cifar10_pipeline
 
 log = logging.getLogger("flows.schedule")
 
@@ -59,34 +60,6 @@ PENDING_LIMIT_S = 300.0
 SWEEP_EVERY_S = 60.0  # how often a serving scheduler looks for dead runs again
 # The zombie automation marks a run Crashed after this many heartbeats missed in a row.
 MISSED_HEARTBEATS = 3
-
-
-def liveness(tag: str | None, state_age_s: float, pending_limit_s: float) -> tuple[bool | None, str]:
-    """(alive?, why) for a run from its recorded process and the age of its state: None when unknown.
-
-    Dead only on evidence: its process recorded on this host is gone (or this host has rebooted
-    since), or nothing was recorded for longer than `pending_limit_s`. A process recorded on
-    another host is unknown here: its heartbeats decide (the zombie automation).
-    """
-    if tag and tag.count(":") >= 3:
-        host, pid, start, boot_id = tag.rsplit(":", 3)
-        here, this_boot_id = this_boot()
-        if host != here:
-            return None, f"its process {tag} is on host {host}: left to its heartbeats"
-        if boot_id != this_boot_id:
-            return False, "its process ran before this machine's last boot"
-        # The start time, not the pid alone: pids wrap around (32,768 here) and get reused, by threads too.
-        if process_start(int(pid)) == start:
-            return True, f"its process {tag} is alive"
-        return False, f"its process {tag} is gone"
-    if state_age_s > pending_limit_s:
-        return False, f"no process recorded {state_age_s:.0f} s after it was submitted (the scheduler died?)"
-    return None, f"no process recorded yet, {state_age_s:.0f} s after it was submitted: starting"
-
-
-def process_alive(tag: str | None) -> bool:
-    """Whether the process a run recorded (`host:pid:start:boot id`) is alive on this host now."""
-    return liveness(tag, 0.0, float("inf"))[0] is True
 
 
 def pending_limit_s() -> float:

@@ -236,20 +236,6 @@ def default_remote_url(root: Path) -> str:
         return repo.config["remote"][name]["url"]
 
 
-# Run in a candidate's workspace after `dvc exp push --run-cache`, which sends the run-cache records
-# but not the objects of outputs that are not cached (history.csv, metrics.json: git keeps them): a
-# restore elsewhere would find the record, miss those files and train again. DVC saved the objects
-# to the local cache with each record; this pushes them. (A script of its own: DVC resolves a
-# record's outputs against the working directory.)
-PUSH_RUN_CACHE_OBJECTS = """
-from dvc.repo import Repo
-with Repo() as repo:
-    records = repo.stage_cache.push(None)
-    for objects in repo.stage_cache.get_used_objs(records).values():
-        repo.cloud.push(objects)  # an object missing here came from the remote: skipped
-"""
-
-
 def worker_identity() -> dict[str, object]:
     """Which Dask worker (and process, host) runs the calling task."""
     try:
@@ -333,7 +319,8 @@ def run_candidate(candidate: Candidate, repo: str, commit: str, remote: str, sha
             raise CandidateFailedError(f"{candidate.name}: {reason.removeprefix('error: ')}")
         push = [*DVC, "exp", "push", "--run-cache", "origin", candidate.name]
         command(push, workspace, what="pushing the experiment")
-        command([sys.executable, "-c", PUSH_RUN_CACHE_OBJECTS], workspace, what="pushing the run cache's files")
+        # The run cache's records went with the experiment, not the files of uncached outputs (flows.run_cache).
+        command([sys.executable, "-m", "flows.run_cache"], workspace, what="pushing the run cache's files")
         # The largest process this worker has waited for so far (the training run): its memory peak.
         identity["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20, 2)
         params = load_params(workspace / DEFAULT_PARAMS_PATH)

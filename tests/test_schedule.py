@@ -246,8 +246,7 @@ def test_server_and_scheduler_killed_together_recover_on_restart(project, tmp_pa
 
 
 def test_a_recorded_process_counts_as_alive_only_while_that_very_process_runs():
-    from flows.pipeline import process_start, process_tag
-    from flows.schedule import process_alive
+    from flows.liveness import process_alive, process_start, process_tag
 
     tag = process_tag()
     host, pid, start, boot_id = tag.rsplit(":", 3)
@@ -273,7 +272,7 @@ def test_only_runs_dead_on_evidence_are_crashed_and_a_final_run_is_never_overwri
 
     from prefect.states import Cancelling, Completed, Pending, Running
 
-    from flows.pipeline import process_start, process_tag, this_boot
+    from flows.liveness import process_start, process_tag, this_boot
     from flows.schedule import crash_dead_runs, propose_crashed
 
     host, boot_id = this_boot()

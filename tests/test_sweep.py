@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from flows.sweep import (
     SweepError,
@@ -301,3 +302,16 @@ def test_ctrl_c_on_the_coordinator_leaves_workspace_and_lock_as_they_were(sweep_
     assert (project / "dvc.lock").read_bytes() == lock
     assert run_command(["git", "status", "--porcelain"], project).stdout == status
     assert not exp_show(project)  # nothing half-registered
+
+
+def test_the_run_cache_push_leaves_uncached_outputs_behind_and_flows_run_cache_sends_them(project, tmp_path):
+    remote = tmp_path / "remote"
+    run_command([*DVC, "remote", "add", "-d", "store", str(remote)], project)
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    (metrics,) = [out for out in lock["stages"]["evaluate"]["outs"] if out["path"].endswith("metrics.json")]
+    stored = remote / "files" / "md5" / metrics["md5"][:2] / metrics["md5"][2:]
+    run_command([*DVC, "push", "--run-cache"], project)
+    # The DVC behaviour flows.run_cache exists for: the records went, metrics.json's object did not.
+    assert list((remote / "runs").rglob("*")) and not stored.exists()
+    run_command([sys.executable, "-m", "flows.run_cache"], project)
+    assert stored.exists()
