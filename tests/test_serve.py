@@ -19,12 +19,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from PIL import Image
 
 from flows.serve import prod_from_refs
 from tests.conftest import edit_params, free_port, git, project_environment, run_command, stop_process, wait_until
 from tests.test_predict import png_header_claiming
-from tests.test_promote import PROMOTE, prod, retrain
+from tests.test_promote import GTO, PROMOTE, prod, retrain
 
 SERVE = [sys.executable, "-m", "flows.serve"]
 PREDICT = [sys.executable, "-m", "tasks.predict"]
@@ -237,6 +238,33 @@ def test_prod_follows_promotions_and_rollbacks_with_requests_in_flight_and_survi
     status, headers, _ = service.predict_image(image)
     assert status == 200 and headers["x-model-version"] == "v0.1.0"
     assert "serving cifar10-cnn v0.1.0" in service.log.read_text()
+    # From another clone, prod moves to a version whose model no DVC cache or remote holds: the
+    # service keeps answering with v0.1.0, says why it cannot switch, and counts the failure.
+    broken_version(tmp_path / "shared.git", tmp_path / "colleague")
+    wait_until(lambda: service.metric("cifar10_model_load_failures_total") >= 1, 60, "a failed load")
+    status, headers, _ = service.predict_image(image)
+    assert status == 200 and headers["x-model-version"] == "v0.1.0"
+    assert service.get("/v1/models/cifar10-cnn")[1]["load_error"]
+    assert "cannot load the model" in service.log.read_text() and "still serving v0.1.0" in service.log.read_text()
+
+
+def broken_version(bare: Path, clone: Path) -> None:
+    """Register v0.9.0, whose dvc.lock names a model folder no cache holds, and assign it to prod, in `bare`."""
+    run_command(["git", "clone", "--quiet", str(bare), str(clone)], bare.parent)
+    git(clone, "config", "user.name", "A Colleague")
+    git(clone, "config", "user.email", "colleague@example.com")
+    lock = clone / "dvc.lock"
+    model = next(
+        out
+        for out in yaml.safe_load(lock.read_text())["stages"]["select_best"]["outs"]
+        if out["path"].endswith("model")
+    )
+    lock.write_text(lock.read_text().replace(model["md5"], "0" * 32 + ".dir"))
+    git(clone, "checkout", "-q", "-b", "cifar10-cnn/v0.9.0")
+    git(clone, "commit", "-qam", "a model no cache holds")
+    run_command([*GTO, "register", "cifar10-cnn", "HEAD", "--version", "v0.9.0"], clone)
+    run_command([*GTO, "assign", "cifar10-cnn", "--version", "v0.9.0", "--stage", "prod"], clone)
+    git(clone, "push", "--quiet", "--atomic", "origin", "cifar10-cnn/v0.9.0", "--tags")
 
 
 def test_prod_is_read_from_gto_tags_as_gto_reads_them():
