@@ -167,8 +167,8 @@ def _kill_while_training(project, client, deployment_id, runner) -> tuple:
         "the run to finish epoch 1 and hold still before landing epoch 2",
     )
     first_epoch = checkpoint_bytes(project, (1,))
-    # The flow run's process (it recorded itself) leads a session of its own, with dvc and
-    # training under it: kill it and the scheduler at once, as a reboot or an OOM kill of both would.
+    # The flow run's process (it recorded itself), with dvc and training under it, and the
+    # scheduler: killed at once (the same group, or two), as a reboot or an OOM kill of both would.
     flow_pid = int(client.read_flow_run(run.id).infrastructure_pid.split(":")[1])
     for group in {os.getpgid(flow_pid), runner.pid}:
         os.killpg(group, signal.SIGKILL)
