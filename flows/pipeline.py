@@ -26,9 +26,11 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.runtime import deployment
 
 from flows import stage_command_environment
 from flows.liveness import process_tag
+from flows.streams import survive_a_dead_reader
 from tasks.cli import EXIT_BAD_INPUT, EXIT_BUSY
 from tasks.ingest import RESTORE_HINT, fetch_source, source_pointer
 from tasks.io import DataError, WorkspaceBusyError, read_json
@@ -237,6 +239,8 @@ def promote_challenger(root: Path, lock_fd: int) -> dict:
 def cifar10_pipeline(root: str = ".", promote: bool = False) -> list[StageOutcome]:
     """Validate params.yaml, make sure the source is present, run each stale stage, then the gate if `promote`."""
     logger = get_run_logger()
+    if deployment.id:  # a served run: its output must not die with the scheduler
+        survive_a_dead_reader()
     record_run_process()
     root_path = Path(root).resolve()
     params = load_params(root_path / DEFAULT_PARAMS_PATH)  # bad params fail the run before any work

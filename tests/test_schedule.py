@@ -213,6 +213,46 @@ def test_scheduler_killed_while_a_run_trains_recovers_on_restart(project, prefec
             stop_process(runner)
 
 
+def test_the_scheduler_killed_alone_leaves_its_run_going_and_a_restart_leaves_it_alone(project, prefect_api):
+    import os
+    import signal
+
+    from tests.test_faults import RESUME, checkpoint_history, environment_with_fault
+
+    edit_params(project, "train", epochs=3)
+    # Held still 30 s before landing epoch 2: time to kill the scheduler and start it again.
+    held = environment_with_fault(project, FAULT_AT_RENAME="epoch-002.keras", FAULT="pause", FAULT_PAUSE_S=30)
+    runner = start_serving(project, held)
+    with prefect_client(prefect_api) as client:
+        deployment = wait_until(
+            lambda: _deployment(client, project), 120, f"{DEPLOYMENT} to be registered", interval_s=1
+        )
+        run = client.create_flow_run_from_deployment(deployment.id)
+        wait_until(
+            lambda: list((project / RESUME).glob(".epoch-002.keras.*")) and checkpoint_history(project) == [1],
+            300,
+            "the run to finish epoch 1 and hold still",
+        )
+        # The scheduler's process alone (an OOM kill picks one): the run's output pipe loses its
+        # reader, and without flows.streams the run's next log line would end it (rich: SystemExit).
+        os.kill(runner.pid, signal.SIGKILL)
+        runner.wait(timeout=30)
+        runner = start_serving(project)
+        try:
+            log = project.parent / "schedule.log"
+            # It looks for dead runs before it serves: by then it has looked at this one, held still.
+            wait_until(lambda: log.read_text().count("being served") == 2, 60, "the restarted scheduler to serve")
+            assert client.read_flow_run(run.id).state.is_running()
+            finished = wait_until(
+                lambda: (current := client.read_flow_run(run.id)).state.is_final() and current, 300, "the run to end"
+            )
+            assert finished.state.is_completed(), finished.state
+            assert checkpoint_history(project) == [1, 2, 3]  # trained on, never restarted
+            wait_until(lambda: _slots_in_use(client, deployment.id) == 0, 30, "the slot to come free")
+        finally:
+            stop_process(runner)
+
+
 def test_server_and_scheduler_killed_together_recover_on_restart(project, tmp_path):
     import os
     import signal
