@@ -153,12 +153,9 @@ def test_a_run_left_pending_by_a_dead_scheduler_is_crashed_on_restart(project, p
         assert _slots_in_use(client, deployment.id) == 0
 
 
-def _kill_while_training(project, client, deployment_id, runner) -> tuple:
-    """Start a run, wait until it trains (held still before landing epoch 2), SIGKILL `runner`'s whole group."""
-    import os
-    import signal
-
-    from tests.test_faults import RESUME, checkpoint_bytes, checkpoint_history
+def _start_held_before_epoch_2(project, client, deployment_id):
+    """A run of the deployment, once it has finished epoch 1 and holds still before landing epoch 2."""
+    from tests.test_faults import RESUME, checkpoint_history
 
     run = client.create_flow_run_from_deployment(deployment_id)
     wait_until(
@@ -166,6 +163,17 @@ def _kill_while_training(project, client, deployment_id, runner) -> tuple:
         300,
         "the run to finish epoch 1 and hold still before landing epoch 2",
     )
+    return run
+
+
+def _kill_while_training(project, client, deployment_id, runner) -> tuple:
+    """Start a run, wait until it trains (held still before landing epoch 2), SIGKILL `runner`'s whole group."""
+    import os
+    import signal
+
+    from tests.test_faults import checkpoint_bytes
+
+    run = _start_held_before_epoch_2(project, client, deployment_id)
     first_epoch = checkpoint_bytes(project, (1,))
     # The flow run's process (it recorded itself), with dvc and training under it, and the
     # scheduler: killed at once (the same group, or two), as a reboot or an OOM kill of both would.
@@ -217,7 +225,7 @@ def test_the_scheduler_killed_alone_leaves_its_run_going_and_a_restart_leaves_it
     import os
     import signal
 
-    from tests.test_faults import RESUME, checkpoint_history, environment_with_fault
+    from tests.test_faults import checkpoint_history, environment_with_fault
 
     edit_params(project, "train", epochs=3)
     # Held still 30 s before landing epoch 2: time to kill the scheduler and start it again.
@@ -227,12 +235,7 @@ def test_the_scheduler_killed_alone_leaves_its_run_going_and_a_restart_leaves_it
         deployment = wait_until(
             lambda: _deployment(client, project), 120, f"{DEPLOYMENT} to be registered", interval_s=1
         )
-        run = client.create_flow_run_from_deployment(deployment.id)
-        wait_until(
-            lambda: list((project / RESUME).glob(".epoch-002.keras.*")) and checkpoint_history(project) == [1],
-            300,
-            "the run to finish epoch 1 and hold still",
-        )
+        run = _start_held_before_epoch_2(project, client, deployment.id)
         # The scheduler's process alone (an OOM kill picks one): the run's output pipe loses its
         # reader, and without flows.streams the run's next log line would end it (rich: SystemExit).
         os.kill(runner.pid, signal.SIGKILL)
