@@ -153,6 +153,15 @@ def test_a_run_left_pending_by_a_dead_scheduler_is_crashed_on_restart(project, p
         assert _slots_in_use(client, deployment.id) == 0
 
 
+def _serve_held_before_epoch_2(project, *, epochs: int, pause_s: float) -> subprocess.Popen:
+    """A scheduler whose runs train `epochs` epochs and hold still `pause_s` s before landing epoch 2."""
+    from tests.test_faults import environment_with_fault
+
+    edit_params(project, "train", epochs=epochs)
+    held = environment_with_fault(project, FAULT_AT_RENAME="epoch-002.keras", FAULT="pause", FAULT_PAUSE_S=pause_s)
+    return start_serving(project, held)
+
+
 def _start_held_before_epoch_2(project, client, deployment_id):
     """A run of the deployment, once it has finished epoch 1 and holds still before landing epoch 2."""
     from tests.test_faults import RESUME, checkpoint_history
@@ -203,11 +212,7 @@ def _assert_recovers(project, client, deployment_id, dead_run, first_epoch) -> N
 
 
 def test_scheduler_killed_while_a_run_trains_recovers_on_restart(project, prefect_api):
-    from tests.test_faults import environment_with_fault
-
-    edit_params(project, "train", epochs=4)
-    held = environment_with_fault(project, FAULT_AT_RENAME="epoch-002.keras", FAULT="pause", FAULT_PAUSE_S=600)
-    runner = start_serving(project, held)
+    runner = _serve_held_before_epoch_2(project, epochs=4, pause_s=600)
     with prefect_client(prefect_api) as client:
         deployment = wait_until(
             lambda: _deployment(client, project), 120, f"{DEPLOYMENT} to be registered", interval_s=1
@@ -225,12 +230,10 @@ def test_the_scheduler_killed_alone_leaves_its_run_going_and_a_restart_leaves_it
     import os
     import signal
 
-    from tests.test_faults import checkpoint_history, environment_with_fault
+    from tests.test_faults import checkpoint_history
 
-    edit_params(project, "train", epochs=3)
     # Held still 30 s before landing epoch 2: time to kill the scheduler and start it again.
-    held = environment_with_fault(project, FAULT_AT_RENAME="epoch-002.keras", FAULT="pause", FAULT_PAUSE_S=30)
-    runner = start_serving(project, held)
+    runner = _serve_held_before_epoch_2(project, epochs=3, pause_s=30)
     with prefect_client(prefect_api) as client:
         deployment = wait_until(
             lambda: _deployment(client, project), 120, f"{DEPLOYMENT} to be registered", interval_s=1
