@@ -139,7 +139,7 @@ def fetch_version(root: Path, remote: str, version: str) -> None:
         raise DataError(f"fetching {MODEL_NAME}/{version} from {remote!r}: {fetched.stderr.strip()}")
 
 
-def load_served(choice: str, version: str, params: Params, root: Path, max_batch: int) -> Served:
+def load_served(choice: str, version: str, params: Params, root: Path) -> Served:
     """Fetch, check, load and warm up the model `choice` names (workspace or a revision)."""
     with resolve_model(choice, params, root) as predictor:
         model = load_predictor_model(predictor)
@@ -278,7 +278,7 @@ class Service:
                 return
             fetch_version(self.root, self.params.promote.remote, version)
         started = time.perf_counter()
-        loaded = load_served(revision, version, self.params, self.root, self.max_batch)
+        loaded = load_served(revision, version, self.params, self.root)
         previous, self.served = self.served, loaded  # one assignment: the next batch uses the new model
         self.load_error = ""
         self._window = []
@@ -572,7 +572,7 @@ def main() -> None:
         "--model", default="prod", help="prod (default: follows the registry), workspace, or a revision"
     )
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: params.yaml)")
-    parser.add_argument("--max-batch", type=int, help="images per model call (default serve.max_batch; 1: no batching)")
+    parser.add_argument("--max-batch", type=int, help="images per batch (default serve.max_batch; 1: no batching)")
     parser.add_argument("--window-ms", type=float, help="how long a batch waits for more (default serve.window_ms)")
     arguments = parser.parse_args()
     filter_native_stderr()
