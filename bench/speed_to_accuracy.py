@@ -46,7 +46,7 @@ RECIPES = {
     "speed": {},
     "native": NATIVE,
     # A short schedule for the tutorial's bar: the speed recipe for 0.4 of an epoch (71 steps of 256),
-    # cosine-annealed to 0; the smallest measured to pass it (docs/speed.md, fifth round). Without
+    # cosine-annealed to 0; the smallest measured to pass it (docs/speed.md, levers tried). Without
     # lookahead: averaging over so few steps lags the weights (3 seeds: 0.687 with it, 0.697 without).
     "short": {"train": {"epochs": 0.4, "batch_size": 256, "lookahead": None}, **NATIVE},
     "long": {"train": LONG_TRAIN, **NATIVE},
