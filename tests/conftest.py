@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import io
+import json
 import os
 import re
 import shutil
@@ -296,6 +297,26 @@ def stop_process(process: subprocess.Popen, timeout_s: float = 30) -> None:
             return
         time.sleep(0.1)
     pytest.fail(f"process group {process.pid} still has processes 10 s after its leader was stopped")
+
+
+def on_a_small_disk(script: str, size_kib: int, disk: Path) -> dict:
+    """Run a Python `script` with a fresh `size_kib` KiB tmpfs mounted at `disk` (its argv[1]); its JSON line.
+
+    The mount lives in a private mount namespace (`unshare`, as root or as a user), so it is
+    gone with the process: the writes under test meet a real full filesystem, mid-file.
+    """
+    disk.mkdir(parents=True, exist_ok=True)
+    mount_then_run = 'mount -t tmpfs -o size="$0"k tmpfs "$1" && exec "$2" -c "$3" "$1"'
+    command = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", mount_then_run]
+    result = subprocess.run(
+        [*command, str(size_kib), str(disk), sys.executable, script],
+        env=os.environ | {"PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def wait_until(predicate, timeout_s: float, what: str, interval_s: float = 0.5):

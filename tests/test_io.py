@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from tasks.io import DataError, atomic_path, read_arrays, read_json, verify_sha256, write_arrays, write_json
+from tests.conftest import on_a_small_disk
 
 
 def test_failed_write_keeps_the_previous_file(tmp_path):
@@ -19,19 +20,30 @@ def test_failed_write_keeps_the_previous_file(tmp_path):
     assert sorted(path.name for path in tmp_path.iterdir()) == ["metrics.json"]
 
 
-def test_disk_full_keeps_the_previous_file(tmp_path, monkeypatch):
-    target = tmp_path / "dataset.npz"
-    write_arrays(target, {"x": np.arange(4)})
-    before = target.read_bytes()
+# On a 160 KiB filesystem: a 96 KiB file, then a 256 KiB one over it, which runs out of space mid-write.
+ARRAYS_ON_A_FULL_DISK = """
+import json, os, sys
+from pathlib import Path
+import numpy as np
+from tasks.io import write_arrays
+target = Path(sys.argv[1]) / "dataset.npz"
+write_arrays(target, {"x": np.zeros(96 * 1024, np.uint8)})
+before, disk = target.read_bytes(), os.statvfs(target.parent)
+try:
+    write_arrays(target, {"x": np.ones(256 * 1024, np.uint8)})
+    error = None
+except OSError as failure:
+    error = str(failure)
+print(json.dumps({"error": error, "free": disk.f_bavail * disk.f_frsize, "kept": target.read_bytes() == before,
+                  "files": sorted(os.listdir(target.parent))}))
+"""
 
-    def no_space(*args, **kwargs):
-        raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(np, "savez", no_space)
-    with pytest.raises(OSError, match="No space left"):
-        write_arrays(target, {"x": np.arange(8)})
-    assert target.read_bytes() == before
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["dataset.npz"]
+def test_disk_full_mid_write_keeps_the_previous_file(tmp_path):
+    outcome = on_a_small_disk(ARRAYS_ON_A_FULL_DISK, 160, tmp_path / "disk")
+    assert "No space left on device" in outcome["error"]
+    assert 16 * 1024 <= outcome["free"] < 256 * 1024  # room for part of the new file: the failure came mid-file
+    assert outcome["kept"] and outcome["files"] == ["dataset.npz"]  # the old bytes, and no temporary file
 
 
 def test_arrays_round_trip_and_missing_names_are_reported(tmp_path):

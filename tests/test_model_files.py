@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import keras
 import pytest
 
 from tasks.io import DataError
 from tasks.model import build_model
 from tasks.model_files import load_model, save_model
+from tests.conftest import on_a_small_disk
 
 
 def test_saved_models_are_byte_identical_and_load_in_safe_mode(tmp_path):
@@ -34,18 +33,27 @@ def test_a_model_holding_code_is_refused_even_with_the_right_hash(tmp_path):
         load_model(tmp_path / "lambda.keras", sha256=digest)
 
 
-def test_failed_model_save_leaves_the_previous_file_byte_identical(tmp_path, monkeypatch):
-    model = build_model("tutorial_cnn", (32, 32, 3), 10)
-    target = tmp_path / "model.keras"
-    save_model(target, model)
-    before = target.read_bytes()
+# A model file is about 2.1 MB: a 3 MiB filesystem holds one, and runs out partway through the second.
+MODEL_ON_A_FULL_DISK = """
+import json, os, sys
+from pathlib import Path
+from tasks.model import build_model
+from tasks.model_files import save_model
+target = Path(sys.argv[1]) / "model.keras"
+save_model(target, build_model("tutorial_cnn", (32, 32, 3), 10))
+before, disk = target.read_bytes(), os.statvfs(target.parent)
+try:
+    save_model(target, build_model("tutorial_cnn", (32, 32, 3), 4))
+    error = None
+except OSError as failure:
+    error = str(failure)
+print(json.dumps({"error": error, "free": disk.f_bavail * disk.f_frsize, "size": len(before),
+                  "kept": target.read_bytes() == before, "files": sorted(os.listdir(target.parent))}))
+"""
 
-    def disk_full(self, filepath, *args, **kwargs):
-        Path(filepath).write_bytes(b"PK partial")
-        raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(keras.Model, "save", disk_full)
-    with pytest.raises(OSError, match="No space left"):
-        save_model(target, model)
-    assert target.read_bytes() == before
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["model.keras"]
+def test_disk_full_mid_model_save_leaves_the_previous_file_byte_identical(tmp_path):
+    outcome = on_a_small_disk(MODEL_ON_A_FULL_DISK, 3 * 1024, tmp_path / "disk")
+    assert "No space left on device" in outcome["error"]
+    assert 256 * 1024 <= outcome["free"] < outcome["size"]  # part of the new file fitted: the failure came mid-file
+    assert outcome["kept"] and outcome["files"] == ["model.keras"]
