@@ -28,7 +28,10 @@ from tests.conftest import DVC, FLOW, edit_params, project_environment, ran_stag
 # - FAULT_AT_RENAME=<file name> [FAULT_AT_COUNT=n]: when tasks.io is about to rename a finished
 #   temporary file onto that name for the n-th time, SIGKILL this process (FAULT=kill) or hold
 #   still (FAULT=pause, FAULT_PAUSE_S seconds) so another run collides with it; with
-#   FAULT_PAUSE_ONCE=<marker file>, only the first process to get there holds still.
+#   FAULT_PAUSE_ONCE=<marker file>, only the first process to get there holds still. FAULT=kill_worker
+#   with FAULT_KILL_WORKER=<candidate>:<n>,... and FAULT_RECORD=<folder>: the first n runs of a sweep
+#   candidate (its workspace folder's name starts with <candidate>-) SIGKILL the Dask worker above
+#   them, then themselves, each kill recorded in <folder> as <candidate>.<k> holding the worker's pid.
 # - FAULT_MID_WRITE=<file name>: SIGKILL after the first two members of a Keras archive have
 #   gone into that file's temporary copy: the temporary file is half written.
 # - FAULT_AT_BATCH=<epoch>:<batch> (1-based): SIGKILL when training finishes that batch (Keras'
@@ -107,7 +110,9 @@ if rename_target or at_batch or before_status or at_tool:
                 if os.path.basename(str(destination)) == rename_target:
                     landed.append(1)
                     if len(landed) == int(os.environ.get("FAULT_AT_COUNT", "1")):
-                        if os.environ.get("FAULT") == "pause":
+                        if os.environ.get("FAULT") == "kill_worker":
+                            _kill_this_candidates_worker()
+                        elif os.environ.get("FAULT") == "pause":
                             once = os.environ.get("FAULT_PAUSE_ONCE")  # a marker file: the first process only
                             if not once or not os.path.exists(once):
                                 if once:
@@ -118,6 +123,23 @@ if rename_target or at_batch or before_status or at_tool:
                 return real_replace(source, destination)
 
         module.os = _Os()
+
+    def _kill_this_candidates_worker():
+        record = os.environ["FAULT_RECORD"]
+        for entry in os.environ["FAULT_KILL_WORKER"].split(","):
+            name, times = entry.rsplit(":", 1)
+            if f"/{name}-" not in os.getcwd():
+                continue
+            kills = [found for found in os.listdir(record) if found.startswith(name + ".")]
+            if len(kills) >= int(times):
+                return
+            worker = os.getpid()
+            while b"spawn_main" not in open(f"/proc/{worker}/cmdline", "rb").read():
+                worker = int(open(f"/proc/{worker}/stat").read().rpartition(")")[2].split()[1])
+            with open(os.path.join(record, f"{name}.{len(kills) + 1}"), "w") as kill:
+                kill.write(str(worker))
+            os.kill(worker, signal.SIGKILL)
+            _die()
 
     def _patch_callbacks(module):
         # Keras calls these on the list of all callbacks, once per epoch and once per batch.
