@@ -116,3 +116,16 @@ def run_stage(
         sys.exit(EXIT_BUSY)
     for path in written:
         logging.getLogger("tasks").info("wrote %s", path)
+    exit_without_teardown()
+
+
+def exit_without_teardown() -> None:
+    """Exit 0 at once once TensorFlow is loaded: every output is in place, and its teardown is slow."""
+    if "tensorflow" not in sys.modules:
+        return
+    # The interpreter's teardown of TensorFlow's modules costs 1-2 s of CPU per process (evaluate
+    # on the tiny test project: 7.3 s of CPU with it, 5.7 s without), and frees nothing that matters.
+    atexit._run_exitfuncs()  # the stderr filter's drain, and whatever else was registered
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

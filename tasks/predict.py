@@ -32,7 +32,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import pandas as pd
 
-from tasks.cli import EXIT_BAD_INPUT, configure_logging, filter_native_stderr
+from tasks.cli import EXIT_BAD_INPUT, configure_logging, exit_without_teardown, filter_native_stderr
 from tasks.drift import DriftReport, batch_features, compare, concatenate_features
 from tasks.ingest import IMAGE_SUFFIXES, MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, decode_image
 from tasks.io import DataError, atomic_path, read_class_names, read_json
@@ -341,6 +341,7 @@ def main() -> None:
         print(f"skipped {name}: {reason}", file=sys.stderr)
     if predictions.skipped:
         sys.exit(EXIT_BAD_INPUT)
+    exit_without_teardown()
 
 
 if __name__ == "__main__":

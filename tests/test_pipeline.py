@@ -186,6 +186,7 @@ def test_a_stage_run_prints_no_native_noise_but_still_prints_its_errors(project)
     edit_params(project, "train", epochs=3)
     trained = run_command([sys.executable, "-m", "tasks.train"], project)
     assert "Epoch 3/3" in trained.stdout and "wrote artifacts/checkpoints" in trained.stderr
+    assert "wrote artifacts/training/compute.json" in trained.stderr.splitlines()[-1]  # its last line, before exit
     for noise in ("cuInit", "absl::InitializeLog", "use_unbounded_threadpool", "I0000"):
         assert noise not in trained.stderr, trained.stderr
     # A failure after TensorFlow has started still reaches the terminal.
