@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.sweep import (
+from flows.sweep_grid import (
     SweepError,
     candidate_grid,
     candidate_name,

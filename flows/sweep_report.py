@@ -1,0 +1,112 @@
+"""A sweep's results: the experiments on HEAD, a validation plot per candidate, and the summary."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from prefect.artifacts import create_table_artifact
+
+from flows.sweep_worker import DVC, command
+from tasks.io import atomic_path
+
+
+def experiments(root: Path) -> dict[str, dict]:
+    """{name: {rev, params, metrics}} of the experiments on HEAD, from `dvc exp show --json`."""
+    shown = json.loads(command([*DVC, "exp", "show", "--json"], root, what="listing experiments") or "[]")
+    found = {}
+    for baseline in shown:
+        for group in baseline.get("experiments") or []:
+            if not group.get("revs"):  # queued or running: nothing to read yet
+                continue
+            state = group["revs"][0]
+            data = state.get("data") or {}
+            metrics = next(
+                (
+                    item.get("data")
+                    for name, item in (data.get("metrics") or {}).items()
+                    if name.endswith("metrics.json")
+                ),
+                None,
+            )
+            params = (data.get("params") or {}).get("params.yaml", {}).get("data")
+            if group.get("name") and metrics:
+                found[group["name"]] = {"rev": state["rev"], "params": params, "metrics": metrics}
+    return found
+
+
+def validation_plot(root: Path, rev: str, history_path: Path, monitor: str, destination: Path) -> Path:
+    """A PNG of the candidate's monitored validation figure per epoch, from history.csv at its experiment commit."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    history = pd.read_csv(
+        io.StringIO(command(["git", "show", f"{rev}:{history_path.as_posix()}"], root, what="reading a history"))
+    )
+    figure, axis = plt.subplots(figsize=(4, 3))
+    axis.plot(history["epoch"], history[monitor], marker="o")
+    axis.set_xlabel("epoch")
+    axis.set_ylabel(monitor)
+    axis.set_title(destination.stem)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(destination, suffix=".png") as temporary:
+        figure.savefig(temporary, format="png", dpi=80, bbox_inches="tight")
+    plt.close(figure)
+    return destination
+
+
+def summary_markdown(rows: list[dict], winner: str | None, monitor: str) -> str:
+    """The sweep's summary: one row per candidate, finished or failed, and the winner."""
+    lines = [
+        "# Sweep",
+        "",
+        f"Winner: `{winner}` (best validation `{monitor}`)." if winner else "No candidate finished.",
+        "",
+        "| candidate | params | validation accuracy | validation loss | test accuracy | seconds | peak GB "
+        "| worker | outcome |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in rows:
+        validation = (row.get("metrics") or {}).get("validation", {})
+        test = (row.get("metrics") or {}).get("test", {})
+        params = ", ".join(f"`{key}={value}`" for key, value in row["overrides"].items())
+        worker = f"{row['worker']} (pid {row['pid']}) on {row['host']}" if "worker" in row else ""
+        lines.append(
+            f"| `{row['name']}` | {params} | {validation.get('accuracy', '')} | {validation.get('loss', '')} "
+            f"| {test.get('accuracy', '')} | {row.get('seconds', '')} | {row.get('peak_rss_gb', '')} | {worker} "
+            f"| {row['outcome']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(root: Path, params, rows: list[dict], winner: str | None) -> Path:
+    """The summary markdown, one validation plot per finished candidate, and the Prefect table artifact."""
+    folder = root / params.paths.sweep
+    monitor = params.select_best.monitor
+    known = experiments(root)
+    for row in rows:
+        if row["name"] in known:
+            validation_plot(
+                root,
+                known[row["name"]]["rev"],
+                params.paths.training / "history.csv",
+                monitor,
+                folder / f"{row['name']}.png",
+            )
+    path = folder / "summary.md"
+    with atomic_path(path, suffix=".md") as temporary:
+        temporary.write_text(summary_markdown(rows, winner, monitor))
+    create_table_artifact(
+        key="cifar10-sweep",
+        table=[
+            {key: str(row.get(key, "")) for key in ("name", "overrides", "outcome", "worker", "seconds")}
+            for row in rows
+        ],
+        description=f"sweep winner: {winner}",
+    )
+    return path
