@@ -197,7 +197,7 @@ def test_prod_follows_promotions_and_rollbacks_with_requests_in_flight_and_survi
             status, headers, body = service.predict_image(image)
             (answered if status == 200 else failures).append(headers.get("x-model-version", body))
             # About 50 requests a second per client: always some in flight, and CPU left for the
-            # retraining and promotions the service must follow (unthrottled, they took twice as long).
+            # retraining and promotions the service must follow.
             stop.wait(0.02)
 
     clients = [threading.Thread(target=client, args=(answered,)) for answered in seen]
