@@ -25,19 +25,28 @@ def _layers(model) -> list:
     return found
 
 
+def conv_flops(positions: int, filters: int, kernel_size: tuple[int, int], channels: int, groups: int = 1) -> int:
+    """FLOPs of one image through a 2-D convolution: 2 per multiply-add, at each output position."""
+    per_position = kernel_size[0] * kernel_size[1] * channels // groups
+    return 2 * positions * filters * per_position
+
+
+def dense_flops(outputs: int, inputs: int) -> int:
+    """FLOPs of one image through a dense (linear) layer: `outputs` values of `inputs` multiply-adds each."""
+    return 2 * outputs * inputs
+
+
 def forward_flops(model) -> int:
-    """FLOPs of one image's forward pass through the model's conv and dense layers."""
+    """FLOPs of one image's forward pass through the model's conv and dense layers (Keras)."""
     import keras
 
     total = 0
     for layer in _layers(model):
         if isinstance(layer, keras.layers.Conv2D):
-            output_positions = math.prod(layer.output.shape[1:-1])
-            kernel_height, kernel_width = layer.kernel_size
-            per_position = kernel_height * kernel_width * layer.input.shape[-1] // layer.groups
-            total += 2 * output_positions * layer.filters * per_position
+            positions = math.prod(layer.output.shape[1:-1])
+            total += conv_flops(positions, layer.filters, layer.kernel_size, layer.input.shape[-1], layer.groups)
         elif isinstance(layer, keras.layers.Dense):
-            total += 2 * math.prod(layer.output.shape[1:]) * layer.input.shape[-1]
+            total += dense_flops(math.prod(layer.output.shape[1:]), layer.input.shape[-1])
     return total
 
 
