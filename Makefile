@@ -10,7 +10,7 @@ export DVC_NO_ANALYTICS := 1
 export TF_CPP_MIN_LOG_LEVEL := 2
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup run repro test lint lock
+.PHONY: setup run repro test lint lock peer-setup
 
 $(BIN)/uv:
 	$(PYTHON) -m venv $(VENV)
@@ -39,3 +39,11 @@ lint: setup
 
 lock: $(BIN)/uv
 	$(BIN)/uv pip compile --quiet --python-version 3.11 --generate-hashes --extra dev pyproject.toml -o requirements.lock
+
+# The peer of bench.side_by_side (airbench on torch, pyproject's `peer` extra) in a venv of its own:
+# torch's native libraries never meet TensorFlow's. Where pip finds torch's CPU build (2.13.0+cpu)
+# it takes that; elsewhere PyPI's, which brings CUDA's libraries too.
+peer-setup:
+	$(PYTHON) -m venv .venv-peer
+	.venv-peer/bin/pip install --quiet --disable-pip-version-check $$($(PYTHON) -c 'import tomllib; \
+		print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["peer"]))')

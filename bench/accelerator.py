@@ -1,7 +1,7 @@
 """A recipe on the machine's accelerator: time to each validation accuracy, test accuracy, compute per second.
 
 Usage: python -m bench.accelerator [--recipe long|speed] [--epochs N] [--set KEY=VALUE ...] [--target 0.94]
-                                    [--max-per-class N] [--source ZIP] [--workdir DIR] [--report FILE]
+                                    [--max-per-class N] [--source ZIP] [--workdir DIR] [--report FILE] [--seed N]
 
 Runs the pipeline's own stage cores in one process (ingest, preprocess, split, train, select
 best, test), without DVC or Prefect, so it also runs where only Keras and one backend are
@@ -95,6 +95,7 @@ def main() -> None:
     parser.add_argument("--source", type=Path, help="the image-folder zip (default: params.yaml's ingest.source)")
     parser.add_argument("--workdir", type=Path, help="where checkpoints go (default: a temporary folder)")
     parser.add_argument("--report", type=Path, help="also write the figures here as JSON")
+    parser.add_argument("--seed", type=int, help="training's seed (default: params.yaml's; the split keeps that one)")
     arguments = parser.parse_args()
     apply_numerics(NATIVE)  # before the backend is imported
 
@@ -128,10 +129,11 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as scratch:
         checkpoints = arguments.workdir or Path(scratch)
+        seed = params.seed if arguments.seed is None else arguments.seed
         history = fit(
             arrays,
             train=train,
-            seed=params.seed,
+            seed=seed,
             num_classes=len(class_names),
             checkpoints=checkpoints,
             fingerprint={"bench": "accelerator", "train": train.model_dump(), "precision": precision},
@@ -154,6 +156,7 @@ def main() -> None:
         "host": cpu_line(),
         "python": platform.python_version(),
         "recipe": arguments.recipe,
+        "seed": seed,
         "overrides": arguments.set,
         "epochs": train.epochs,
         "widths": train.widths,
