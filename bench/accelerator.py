@@ -28,6 +28,7 @@ import yaml
 
 from bench.predict import cpu_line
 from bench.timeline import seconds_to_reach, with_epoch_seconds
+from tasks.cli import configure_logging, filter_native_stderr
 from tasks.numerics import apply_numerics, run_precision
 from tasks.params import LONG_TRAIN, NumericsParams, Params, ParamsError, TrainParams, load_params, parse_params
 
@@ -97,6 +98,8 @@ def main() -> None:
     parser.add_argument("--report", type=Path, help="also write the figures here as JSON")
     parser.add_argument("--seed", type=int, help="training's seed (default: params.yaml's; the split keeps that one)")
     arguments = parser.parse_args()
+    filter_native_stderr()  # TensorFlow's start-up notices, as for the stages
+    configure_logging()  # training's progress lines
     apply_numerics(NATIVE)  # before the backend is imported
 
     from tasks.evaluate import score_predictions
