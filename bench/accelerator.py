@@ -106,7 +106,7 @@ def main() -> None:
     from tasks.model import predict_in_batches
     from tasks.model_files import load_model
     from tasks.select_best import rank_checkpoints
-    from tasks.train import checkpoint_name, compute_record, fit
+    from tasks.train import checkpoint_name, compute_record, fit, images_trained
 
     params = load_params()
     epochs = [f"epochs={arguments.epochs}"] if arguments.epochs else []
@@ -154,6 +154,7 @@ def main() -> None:
     # The first epoch compiles the step; the rest show the steady rate.
     steady_s = training_s - float(history["seconds"].iloc[0])
     steady_epochs = len(history) - 1
+    trained = images_trained(train.epochs, compute["train_images"], train.batch_size)
     figures = {
         "accelerator": accelerator,
         "host": cpu_line(),
@@ -168,7 +169,9 @@ def main() -> None:
         "data_loading_s": round(loading_s, 1),
         "training_s": round(training_s, 1),
         "first_epoch_s": round(float(history["seconds"].iloc[0]), 1),
-        "steady_images_per_s": round(compute["train_images"] * steady_epochs / steady_s) if steady_epochs else None,
+        # After the first epoch; a fractional last epoch counts the images its steps trained.
+        "steady_images_per_s": round((trained - compute["train_images"]) / steady_s) if steady_epochs else None,
+        "images_per_s": round(trained / training_s),  # every image trained, over the whole training time
         "training_pflop": compute["training_pflop"],
         "achieved_tflop_per_s": round((compute["training_pflop"] + compute["validation_pflop"]) * 1e3 / training_s, 2),
         f"train_s_to_val_{arguments.target}": seconds_to_reach(history, arguments.target),

@@ -147,10 +147,7 @@ def main() -> None:
                         "pflop": results[0]["training_pflop"],
                         "accuracies": [result["test_accuracy"] for result in results],
                         "training_s": round(sum(result["training_s"] for result in results) / len(results), 1),
-                        "images_per_s": round(
-                            sum(result.get("steady_images_per_s") or result["images_per_s"] for result in results)
-                            / len(results)
-                        ),
+                        "images_per_s": round(sum(result["images_per_s"] for result in results) / len(results)),
                         "peak_gib": max(result["peak_rss_gib"] for result in results),
                     }
                 )
