@@ -495,10 +495,11 @@ def in_float32(model: keras.Model) -> keras.Model:
 # Every image is predicted in a batch of exactly this many (the last one padded): oneDNN picks its
 # kernels by shape, so an image in a batch of another size can come out a rounding apart (seen:
 # 62 of 64 test images at batch size 1 against 64). One shape gives an image the same bytes
-# whatever arrived with it: in evaluate, promote, predict, batch inference and the service. 8 keeps
-# a lone request quick (8 ms a call on a Zen 5 core pair, against 2.6 ms for 1) at 73 % of the
-# images/s of batches of 500.
-INFERENCE_BATCH = 8
+# whatever arrived with it: in evaluate, promote, predict, batch inference and the service. Within
+# the batch, the kernels must also treat every row alike: at 8, AVX2's (a CPU without AVX-512, or
+# portable mode's cap) gave 12 of 48 images other bytes than alone, and at 6 AVX-512's did; 16 gave
+# none under either (python -m bench.batch_positions, with and without ONEDNN_MAX_CPU_ISA=AVX2).
+INFERENCE_BATCH = 16
 
 
 def _fixed_shape_batches(images: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, int]]:

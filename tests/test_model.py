@@ -12,6 +12,7 @@ import pytest
 from tasks.model import (
     CIFAR10_MEAN,
     CIFAR10_STD,
+    INFERENCE_BATCH,
     build_model,
     initialize_speed_cnn,
     patch_covariance,
@@ -244,11 +245,15 @@ def test_batch_norm_and_gelu_closed_form_gradients_match_autodiff_of_their_formu
 
 def test_an_image_s_outputs_do_not_depend_on_the_images_predicted_beside_it():
     model = build_model("tutorial_cnn", (32, 32, 3), 10)
-    images = _images(count=20)  # batches of 8: the last one padded
+    images = _images(count=20)  # a full batch of 16, then a padded one
     together = predict_in_batches(model, images)
     assert together.shape == (20, 10)
     alone = np.concatenate([predict_in_batches(model, images[index : index + 1]) for index in range(len(images))])
     backwards = predict_in_batches(model, images[::-1])[::-1]
     assert together.tobytes() == alone.tobytes() == backwards.tobytes()
     # Full batches are Keras' own predict's bytes at that batch size.
-    assert together[:16].tobytes() == np.asarray(model.predict(images[:16], batch_size=8, verbose=0)).tobytes()
+    full = images[:INFERENCE_BATCH]
+    assert (
+        together[:INFERENCE_BATCH].tobytes()
+        == np.asarray(model.predict(full, batch_size=INFERENCE_BATCH, verbose=0)).tobytes()
+    )
