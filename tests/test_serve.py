@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import http.client
 import io
 import itertools
 import json
@@ -66,8 +67,8 @@ class Service:
                 status, headers, payload = response.status, response.headers, response.read()
         except urllib.error.HTTPError as error:
             status, headers, payload = error.code, error.headers, error.read()
-        except OSError:
-            return 0, {}, None  # not listening (yet)
+        except (OSError, http.client.IncompleteRead):
+            return 0, {}, None  # not listening (yet), or cut off mid-answer (the body shorter than its length)
         headers = {name.lower(): value for name, value in headers.items()}
         text = payload.decode()
         is_json = headers.get("content-type", "").startswith("application/json")
