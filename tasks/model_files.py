@@ -18,23 +18,37 @@ log = logging.getLogger(__name__)
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 
 
-def _drop_shared_object_ids(node):
-    """Remove Keras' `shared_object_id`s: a model's config then depends on what it is, not how it was made.
+# The package our layers and optimizer are registered under (keras.saving.register_keras_serializable).
+_OUR_PACKAGE_PREFIX = "tasks>"
 
-    A freshly built model's layers share one dtype policy object, which Keras writes once per
-    layer with an id; a model loaded from a file has a policy per layer and no ids. Every
-    occurrence carries its full config, so the file loads the same without them, and a resumed
-    run writes the bytes an unbroken one does.
+
+def _normalise_config(node):
+    """A model config that depends on what the model is: not on how it was made, nor on where its code lives.
+
+    Keras loads the file the same without:
+    - `shared_object_id`s. A freshly built model's layers share one dtype policy object, which
+      Keras writes once per layer with an id; a model loaded from a file has a policy per layer
+      and no ids. Every occurrence carries its full config, so a resumed run writes the bytes an
+      unbroken one does.
+    - the Python module of the classes registered under our package (written as null, as Keras
+      writes a class from `__main__`: a missing key would send Sequential to its legacy loader).
+      Keras finds those classes by registered name (`tasks>ErfGelu`) before it looks at the
+      module, so moving a class to another file changed every model's bytes and nothing else.
     """
     if isinstance(node, dict):
-        return {key: _drop_shared_object_ids(value) for key, value in node.items() if key != "shared_object_id"}
+        ours = str(node.get("registered_name", "")).startswith(_OUR_PACKAGE_PREFIX)
+        return {
+            key: None if ours and key == "module" else _normalise_config(value)
+            for key, value in node.items()
+            if key != "shared_object_id"
+        }
     if isinstance(node, list):
-        return [_drop_shared_object_ids(item) for item in node]
+        return [_normalise_config(item) for item in node]
     return node
 
 
 def _make_keras_archive_reproducible(path: Path) -> None:
-    """Drop the save time and shared-object ids Keras writes into a .keras zip: equal weights, equal bytes.
+    """Drop the save time, shared-object ids and our classes' modules from a .keras zip: equal weights, equal bytes.
 
     DVC hashes checkpoints and the model: without this, a rerun with identical weights
     would still change their hashes and rerun every stage below train.
@@ -48,7 +62,7 @@ def _make_keras_archive_reproducible(path: Path) -> None:
                 metadata.pop("date_saved", None)
                 payload = json.dumps(metadata).encode()
             elif info.filename == "config.json":
-                payload = json.dumps(_drop_shared_object_ids(json.loads(payload))).encode()
+                payload = json.dumps(_normalise_config(json.loads(payload))).encode()
             archive.writestr(zipfile.ZipInfo(info.filename, date_time=_ZIP_EPOCH), payload, info.compress_type)
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import zipfile
+
 import keras
 import pytest
 
 from tasks.io import DataError
-from tasks.model import build_model
+from tasks.model import ScaledBias, build_model
 from tasks.model_files import load_model, save_model
 from tests.conftest import on_a_small_disk
 
@@ -24,6 +26,26 @@ def test_saved_models_are_byte_identical_and_load_in_safe_mode(tmp_path):
     assert load_model(tmp_path / "a.keras", sha256=first).count_params() == model.count_params()
 
 
+def test_a_model_file_names_our_layers_by_registered_name_so_moving_their_code_changes_no_byte(tmp_path):
+    inputs = keras.Input(shape=(4,))
+    model = keras.Model(inputs, ScaledBias(multiplier=2.0)(inputs))
+    digest = save_model(tmp_path / "ours.keras", model)
+    with zipfile.ZipFile(tmp_path / "ours.keras") as archive:
+        config = archive.read("config.json").decode()
+    assert '"module": null, "class_name": "ScaledBias"' in config
+    assert '"module": "tasks' not in config
+    # Files written before, which name the layer's module as it then was, still load.
+    with zipfile.ZipFile(tmp_path / "ours.keras") as archive:
+        members = {name: archive.read(name) for name in archive.namelist()}
+    members["config.json"] = config.replace('"module": null', '"module": "tasks.model"').encode()
+    with zipfile.ZipFile(tmp_path / "older.keras", "w") as archive:
+        for name, payload in members.items():
+            archive.writestr(name, payload)
+    assert members["config.json"] != config.encode()
+    assert load_model(tmp_path / "older.keras").layers[-1].multiplier == 2.0
+    assert load_model(tmp_path / "ours.keras", sha256=digest).layers[-1].multiplier == 2.0
+
+
 def test_a_model_holding_code_is_refused_even_with_the_right_hash(tmp_path):
     # A Lambda layer's function is pickled code: loading it could run anything.
     inputs = keras.Input(shape=(4,))
@@ -37,7 +59,7 @@ def test_a_model_holding_code_is_refused_even_with_the_right_hash(tmp_path):
 MODEL_ON_A_FULL_DISK = """
 import json, os, sys
 from pathlib import Path
-from tasks.model import build_model
+from tasks.model import ScaledBias, build_model
 from tasks.model_files import save_model
 target = Path(sys.argv[1]) / "model.keras"
 save_model(target, build_model("tutorial_cnn", (32, 32, 3), 10))
