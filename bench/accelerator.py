@@ -6,7 +6,7 @@ Usage: python -m bench.accelerator [--recipe long|speed] [--epochs N] [--set KEY
 Runs the pipeline's own stage cores in one process (ingest, preprocess, split, train, select
 best, test), without DVC or Prefect, so it also runs where only Keras and one backend are
 installed: the device machines carry JAX and no TensorFlow (KERAS_BACKEND=jax there). Numerics
-are native, so training computes in bfloat16 on a GPU (tasks.numerics.run_precision).
+are native, so training computes in bfloat16 on a GPU (tasks.lib.numerics.run_precision).
 Epoch times come from the checkpoint files, as in bench.speed_to_accuracy; the first epoch
 includes compiling the step.
 """
@@ -28,9 +28,9 @@ import yaml
 
 from bench.predict import cpu_line
 from bench.timeline import seconds_to_reach, with_epoch_seconds
-from tasks.cli import configure_logging, filter_native_stderr
-from tasks.numerics import apply_numerics, run_precision
-from tasks.params import LONG_TRAIN, NumericsParams, Params, ParamsError, TrainParams, load_params, parse_params
+from tasks.lib.cli import configure_logging, filter_native_stderr
+from tasks.lib.numerics import apply_numerics, run_precision
+from tasks.lib.params import LONG_TRAIN, NumericsParams, Params, ParamsError, TrainParams, load_params, parse_params
 
 NATIVE = NumericsParams(mode="native", precision="auto")
 
@@ -103,8 +103,8 @@ def main() -> None:
     apply_numerics(NATIVE)  # before the backend is imported
 
     from tasks.evaluate import score_predictions
-    from tasks.model import predict_in_batches
-    from tasks.model_files import load_model
+    from tasks.lib.model import predict_in_batches
+    from tasks.lib.model_files import load_model
     from tasks.select_best import rank_checkpoints
     from tasks.train import checkpoint_name, compute_record, fit, images_trained
 

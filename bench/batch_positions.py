@@ -16,7 +16,7 @@ import argparse
 import numpy as np
 
 from bench.predict import cpu_line
-from tasks.cli import filter_native_stderr
+from tasks.lib.cli import filter_native_stderr
 
 
 def main() -> None:
@@ -28,7 +28,7 @@ def main() -> None:
     filter_native_stderr()
     import os
 
-    from tasks.model import build_model, predict_in_batches
+    from tasks.lib.model import build_model, predict_in_batches
 
     print(f"{cpu_line()}; ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', 'unset')}")
     images = np.random.default_rng(0).integers(0, 256, (arguments.images, 32, 32, 3), dtype=np.uint8)

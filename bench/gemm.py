@@ -4,7 +4,7 @@ Usage: python -m bench.gemm [--size N] [--seconds S]
 
 A large square matmul is the fastest thing oneDNN does on a CPU; the training step's achieved
 GFLOP/s is compared against it (bench.speed_to_accuracy's efficiency). Each measurement runs
-in a process of its own, set up by tasks.numerics as the pipeline's stages are, because the
+in a process of its own, set up by tasks.lib.numerics as the pipeline's stages are, because the
 mode must be in place before TensorFlow starts: portable caps oneDNN at AVX2 on 2 threads,
 native uses every instruction set (AVX-512, AMX) and core. bfloat16 is measured in native mode
 only, and only on CPUs with bf16 instructions (elsewhere it would be emulated).
@@ -18,14 +18,14 @@ import sys
 from pathlib import Path
 
 from bench.predict import cpu_line
-from tasks.numerics import BF16_CPU_FLAGS, cpu_flags
+from tasks.lib.numerics import BF16_CPU_FLAGS, cpu_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 
 PROBE = """
 import sys, time
-from tasks.numerics import apply_numerics
-from tasks.params import NumericsParams
+from tasks.lib.numerics import apply_numerics
+from tasks.lib.params import NumericsParams
 apply_numerics(NumericsParams(mode=sys.argv[1]))
 import tensorflow as tf
 size, dtype, seconds = int(sys.argv[3]), getattr(tf, sys.argv[2]), float(sys.argv[4])

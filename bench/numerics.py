@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from bench.predict import cpu_line
-from tasks.io import read_table, sha256_file
+from tasks.lib.io import read_table, sha256_file
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,7 +12,7 @@ timer, which a CPU build of torch lacks. airbench94 uses no torch.compile. Its i
 over as float32 tensors (the loader's `images`), and its training loop, schedule, whitening,
 label smoothing, lookahead and test-time augmentation (level 2) are its own.
 
-Training FLOPs are counted with the project's own formula (tasks/flops.py's conv_flops and
+Training FLOPs are counted with the project's own formula (tasks/lib/flops.py's conv_flops and
 dense_flops, through forward hooks on the peer's network): the same counter for both systems.
 """
 
@@ -37,9 +37,9 @@ import torch
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # tasks.flops (pure Python) from the peer's interpreter
+sys.path.insert(0, str(ROOT))  # tasks.lib.flops (pure Python) from the peer's interpreter
 
-from tasks.flops import PFLOP, TRAINING_PASSES, conv_flops, dense_flops  # noqa: E402
+from tasks.lib.flops import PFLOP, TRAINING_PASSES, conv_flops, dense_flops  # noqa: E402
 
 if not torch.cuda.is_available():
     # PyPI's torchvision is built against CUDA torch: its operator registrations fail to load on a

@@ -81,7 +81,7 @@ def plot(rows: list[dict], out: Path) -> None:
         xscale="log",
         xlim=(0.002, 2.5),
         ylim=(0.6, 0.95),
-        xlabel="training PFLOP (counted from the model, tasks/flops.py)",
+        xlabel="training PFLOP (counted from the model, tasks/lib/flops.py)",
         ylabel="test accuracy (10,000 test images)",
         title="CIFAR-10 (the team's JPEG copy): test accuracy against training compute",
     )

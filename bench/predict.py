@@ -21,8 +21,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from tasks.io import read_arrays, read_class_names
-from tasks.params import load_params
+from tasks.lib.io import read_arrays, read_class_names
+from tasks.lib.params import load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 

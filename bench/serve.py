@@ -28,8 +28,8 @@ import numpy as np
 from PIL import Image
 
 from bench.predict import cpu_line
-from tasks.io import read_arrays
-from tasks.params import load_params
+from tasks.lib.io import read_arrays
+from tasks.lib.params import load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIENTS = (1, 8, 32)

@@ -4,7 +4,7 @@ Usage: python -m bench.side_by_side [--budgets 0.01 0.03 0.1 0.3] [--seeds 0 1] 
 
 `make peer-setup` first (the peer's torch and airbench in .venv-peer), and `dvc repro split` (or
 `make run`) for the arrays both train on: the train split's 45,000 images, tested on the 10,000
-test images. A budget is training PFLOP, counted for both by one formula (tasks/flops.py's
+test images. A budget is training PFLOP, counted for both by one formula (tasks/lib/flops.py's
 conv_flops and dense_flops: conv and dense layers, 3 passes a training image). The peer reaches
 it by its step count (airbench94's epochs); ours with the recipe we think best there: the
 default net with its epochs stretched up to 0.2 PFLOP, the long profile's wider net above.
@@ -33,9 +33,9 @@ LONG_ABOVE_PFLOP = 0.2  # from here on ours trains the long profile's net instea
 
 def our_plan(budget: float, train_images: int) -> dict:
     """Ours at `budget` PFLOP: the recipe and the epochs that spend it."""
-    from tasks.flops import PFLOP, TRAINING_PASSES, forward_flops
-    from tasks.model import build_model
-    from tasks.params import LONG_TRAIN, load_params
+    from tasks.lib.flops import PFLOP, TRAINING_PASSES, forward_flops
+    from tasks.lib.model import build_model
+    from tasks.lib.params import LONG_TRAIN, load_params
 
     recipe = "long" if budget > LONG_ABOVE_PFLOP else "speed"
     widths = LONG_TRAIN["widths"] if recipe == "long" else load_params(ROOT / "params.yaml").train.widths
@@ -96,7 +96,7 @@ def plot(rows: list[dict], path: Path, cpu: str) -> None:
         means = [sum(row["accuracies"]) / len(row["accuracies"]) for row in points]
         axes.plot([row["pflop"] for row in points], means, marker=marker, label=system)
     axes.set_xscale("log")
-    axes.set_xlabel("training PFLOP (tasks/flops.py's count, both systems)")
+    axes.set_xlabel("training PFLOP (tasks/lib/flops.py's count, both systems)")
     axes.set_ylabel("test accuracy (10,000 test images)")
     axes.set_title(f"Side by side on the team's CIFAR-10\n{cpu}", fontsize=9)
     axes.grid(True, alpha=0.3)

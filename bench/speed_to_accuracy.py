@@ -6,7 +6,7 @@ Each run copies the project's tracked files into a fresh folder (no DVC cache, n
 links the dataset archive, applies the recipe's params and times `dvc repro` end to end.
 Per-epoch times come from the checkpoint files' modification times, relative to the moment
 training wrote its fingerprint (before the first epoch). Compute comes from the run's own
-compute.json (counted from the model, tasks/flops.py); the CPU's GEMM peak from bench.gemm,
+compute.json (counted from the model, tasks/lib/flops.py); the CPU's GEMM peak from bench.gemm,
 measured in the same invocation, in the numerics mode and precision each run used. Two
 efficiencies: the train stage's (everything it computed, validation included, over its
 training time) and the training step's by itself (bench.step, timed after all runs).
@@ -31,8 +31,8 @@ from bench.predict import cpu_line
 from bench.step import step_figures
 from bench.timeline import seconds_to_reach, with_epoch_seconds
 from flows import stage_command_environment
-from tasks.io import read_json, read_table
-from tasks.params import LONG_TRAIN, TUTORIAL_TRAIN
+from tasks.lib.io import read_json, read_table
+from tasks.lib.params import LONG_TRAIN, TUTORIAL_TRAIN
 from tasks.train import images_trained
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -20,19 +20,19 @@ import sys
 from pathlib import Path
 
 from bench.predict import cpu_line
-from tasks.params import DEFAULT_PARAMS_PATH
+from tasks.lib.params import DEFAULT_PARAMS_PATH
 
 ROOT = Path(__file__).resolve().parents[1]
 
 PROBE = """
 import json, math, statistics, sys, time
-from tasks.numerics import apply_numerics, run_precision
-from tasks.params import load_params
+from tasks.lib.numerics import apply_numerics, run_precision
+from tasks.lib.params import load_params
 params = load_params(sys.argv[1])
 apply_numerics(params.numerics)
 import numpy as np
-from tasks.flops import TRAINING_PASSES, forward_flops
-from tasks.model import build_model
+from tasks.lib.flops import TRAINING_PASSES, forward_flops
+from tasks.lib.model import build_model
 from tasks.train import compile_model, model_options, set_up_backend, training_targets
 # The team's CIFAR-10: 32x32 RGB images, 10 classes, 45,000 to train on (the schedule's length only).
 train, seconds, num_classes = params.train, float(sys.argv[2]), 10

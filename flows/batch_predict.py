@@ -11,7 +11,7 @@ behind that would stop the next run from predicting those images. No file stops 
 skipped one (unreadable, oversized, a decompression bomb, a link out of INCOMING) is recorded
 with its reason and tried again when its content changes, or when --resize now applies. Run
 once, the exit status is 2 when the batch skipped a file, as for tasks.predict. Each batch is
-compared with the model's reference profile of its test set (tasks.drift): the verdict, `no drift`
+compared with the model's reference profile of its test set (tasks.lib.drift): the verdict, `no drift`
 or `drift: <features>`, is logged, written beside the batch (.drift.json) and a Prefect artifact.
 """
 
@@ -30,11 +30,11 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 
-from tasks.cli import EXIT_BAD_INPUT, filter_native_stderr
-from tasks.drift import DriftReport
-from tasks.io import DataError, atomic_path, write_json
-from tasks.numerics import apply_numerics
-from tasks.params import ParamsError, load_params
+from tasks.lib.cli import EXIT_BAD_INPUT, filter_native_stderr
+from tasks.lib.drift import DriftReport
+from tasks.lib.io import DataError, atomic_path, write_json
+from tasks.lib.numerics import apply_numerics
+from tasks.lib.params import ParamsError, load_params
 from tasks.predict import ImageSource, image_sources, predict_sources, prod_revision, resolve_model
 
 log = logging.getLogger("flows.batch_predict")

@@ -31,12 +31,12 @@ from prefect.runtime import deployment
 from flows import stage_command_environment
 from flows.liveness import process_tag
 from flows.streams import survive_a_dead_reader
-from tasks.cli import EXIT_BAD_INPUT, EXIT_BUSY
 from tasks.ingest import RESTORE_HINT, fetch_source, source_pointer
-from tasks.io import DataError, WorkspaceBusyError, read_json
-from tasks.params import DEFAULT_PARAMS_PATH, ParamsError, flatten_params, load_params
+from tasks.lib.cli import EXIT_BAD_INPUT, EXIT_BUSY
+from tasks.lib.io import DataError, WorkspaceBusyError, read_json
+from tasks.lib.params import DEFAULT_PARAMS_PATH, ParamsError, flatten_params, load_params
+from tasks.lib.workspace import LOCK_FD_VARIABLE, exclusive_workspace
 from tasks.train import minutes
-from tasks.workspace import LOCK_FD_VARIABLE, exclusive_workspace
 
 STAGES = ("ingest", "preprocess", "split", "train", "select_best", "evaluate")
 

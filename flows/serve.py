@@ -32,12 +32,12 @@ from pathlib import Path
 import numpy as np
 from fastapi import Request  # at module level: FastAPI resolves the handlers' annotations from here
 
-from tasks.cli import filter_native_stderr
-from tasks.drift import DriftReport, batch_features, compare, concatenate_features
 from tasks.ingest import decode_image
-from tasks.io import DataError
-from tasks.numerics import apply_numerics
-from tasks.params import Params, load_params
+from tasks.lib.cli import filter_native_stderr
+from tasks.lib.drift import DriftReport, batch_features, compare, concatenate_features
+from tasks.lib.io import DataError
+from tasks.lib.numerics import apply_numerics
+from tasks.lib.params import Params, load_params
 from tasks.predict import Predictor, load_predictor_model, resolve_model
 
 log = logging.getLogger("flows.serve")
@@ -144,7 +144,7 @@ def load_served(choice: str, version: str, params: Params, root: Path) -> Served
     with resolve_model(choice, params, root) as predictor:
         model = load_predictor_model(predictor)
         served = served_from(predictor, model, version, "" if choice == "workspace" else choice)
-    # Traced before the first request: every call has the one shape (tasks.model.INFERENCE_BATCH).
+    # Traced before the first request: every call has the one shape (tasks.lib.model.INFERENCE_BATCH).
     predict_batch(served, np.zeros((1, served.image_size, served.image_size, 3), np.uint8))
     return served
 
@@ -158,7 +158,7 @@ def served_from(predictor: Predictor, model, version: str, revision: str) -> Ser
 
 def predict_batch(served: Served, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(probabilities, embeddings) for a batch of uint8 images."""
-    from tasks.model import predict_with_embeddings
+    from tasks.lib.model import predict_with_embeddings
 
     return predict_with_embeddings(served.model, images)
 

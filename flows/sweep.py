@@ -44,9 +44,9 @@ from flows.sweep_grid import (
 from flows.sweep_report import experiments, write_summary
 from flows.sweep_worker import DVC, SWEEP_REFS, UPSTREAM_STAGES, command, run_candidate
 from flows.worker_api import prefect_api_for_workers
-from tasks.cli import EXIT_BAD_INPUT
-from tasks.io import DataError
-from tasks.params import DEFAULT_PARAMS_PATH, ParamsError, load_params
+from tasks.lib.cli import EXIT_BAD_INPUT
+from tasks.lib.io import DataError
+from tasks.lib.params import DEFAULT_PARAMS_PATH, ParamsError, load_params
 
 ALLOWED_WORKER_DEATHS = 1  # a candidate whose worker dies runs once more, then is reported failed
 

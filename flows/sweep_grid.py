@@ -10,8 +10,8 @@ from pathlib import Path
 
 import yaml
 
-from tasks.io import DataError
-from tasks.params import ParamsError, parse_params
+from tasks.lib.io import DataError
+from tasks.lib.params import ParamsError, parse_params
 
 DEFAULT_MAX_CANDIDATES = 8
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from prefect.artifacts import create_table_artifact
 
 from flows.sweep_worker import DVC, command
-from tasks.io import atomic_path
+from tasks.lib.io import atomic_path
 
 
 def experiments(root: Path) -> dict[str, dict]:

@@ -18,8 +18,8 @@ from prefect.cache_policies import NO_CACHE
 
 from flows import stage_command_environment
 from flows.sweep_grid import Candidate, SweepError
-from tasks.cli import run_tool
-from tasks.params import DEFAULT_PARAMS_PATH, load_params
+from tasks.lib.cli import run_tool
+from tasks.lib.params import DEFAULT_PARAMS_PATH, load_params
 
 UPSTREAM_STAGES = ("ingest", "preprocess", "split")
 

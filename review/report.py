@@ -16,7 +16,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tasks.params import flatten_params
+from tasks.lib.params import flatten_params
 
 WORKSPACE = "workspace"
 # Found by name among the stages' outputs: their folders are params.yaml's paths.*, as DVC loaded them.

@@ -1,1 +1,4 @@
-"""Stage logic of the CIFAR-10 pipeline; knows nothing of Prefect."""
+"""The pipeline's stages, one module per dvc.yaml stage (`python -m tasks.<stage>`), plus promote and predict.
+
+What they share lives in tasks.lib. Nothing here knows of Prefect.
+"""

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tasks.cli import run_stage
-from tasks.drift import reference_profile
-from tasks.io import (
+from tasks.lib.cli import run_stage
+from tasks.lib.drift import reference_profile
+from tasks.lib.io import (
     DataError,
     atomic_path,
     read_arrays,
@@ -24,8 +24,8 @@ from tasks.io import (
     write_json,
     write_table,
 )
-from tasks.model_files import load_model
-from tasks.params import NumericsParams, Params
+from tasks.lib.model_files import load_model
+from tasks.lib.params import NumericsParams, Params
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ def environment_record(numerics: NumericsParams, precision: str) -> dict:
     """What produced the metrics: CPU, cores, GPUs, numerics mode, oneDNN settings, backend and library versions."""
     import keras
 
-    from tasks.numerics import visible_gpus
+    from tasks.lib.numerics import visible_gpus
 
     backend = keras.backend.backend()
     try:
@@ -226,7 +226,7 @@ def plot_samples(
 def run(params: Params) -> list[Path]:
     """Score the selected model on the test set; write metrics, tables and plots."""
     # Imports Keras: after run_stage has set the numerics.
-    from tasks.model import computes_in, predict_with_embeddings, with_embeddings
+    from tasks.lib.model import computes_in, predict_with_embeddings, with_embeddings
 
     paths = params.paths
     test = read_arrays(paths.prepared / "dataset.npz", ("x_test", "y_test"))
@@ -249,7 +249,7 @@ def run(params: Params) -> list[Path]:
         # Tracked beside the metrics: a metrics change with no input change points here.
         write_json(paths.metrics / "environment.json", environment_record(params.numerics, computes_in(model))),
         write_table(paths.metrics / "per_class.csv", scores.per_class.round(4)),
-        # What batches and the service compare their inputs with (tasks.drift): no labels needed.
+        # What batches and the service compare their inputs with (tasks.lib.drift): no labels needed.
         write_json(
             paths.metrics / "reference_profile.json",
             reference_profile(test["x_test"], probabilities, embeddings, class_names),

@@ -20,9 +20,9 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from tasks.cli import run_stage, run_tool
-from tasks.io import DataError, atomic_path, sha256_file, verify_sha256, write_arrays, write_json
-from tasks.params import IngestParams, Params, PredictParams
+from tasks.lib.cli import run_stage, run_tool
+from tasks.lib.io import DataError, atomic_path, sha256_file, verify_sha256, write_arrays, write_json
+from tasks.lib.params import IngestParams, Params, PredictParams
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ unreadable, oversized (predict.max_file_bytes), bomb-sized (predict.max_pixels) 
 (symbolic links out of their folder, zip members named '..' or absolute) are listed with their
 reason, never fatal: the rest are still predicted. Exit status 2 when any file was skipped.
 Images are decoded and predicted --chunk at a time, so memory does not grow with their number.
-The images are compared with the model's reference profile of its test set (tasks.drift) and the
+The images are compared with the model's reference profile of its test set (tasks.lib.drift) and the
 verdict logged: `no drift`, `drift: <features>`, or no verdict under 200 images.
 """
 
@@ -32,18 +32,18 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import pandas as pd
 
-from tasks.cli import EXIT_BAD_INPUT, configure_logging, exit_without_teardown, filter_native_stderr
-from tasks.drift import DriftReport, batch_features, compare, concatenate_features
 from tasks.ingest import IMAGE_SUFFIXES, MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, decode_image
-from tasks.io import DataError, atomic_path, read_class_names, read_json
-from tasks.model_files import load_model
-from tasks.numerics import apply_numerics
-from tasks.params import DEFAULT_PARAMS_PATH, Params, ParamsError, load_params
+from tasks.lib.cli import EXIT_BAD_INPUT, configure_logging, exit_without_teardown, filter_native_stderr
+from tasks.lib.drift import DriftReport, batch_features, compare, concatenate_features
+from tasks.lib.io import DataError, atomic_path, read_class_names, read_json
+from tasks.lib.model_files import load_model
+from tasks.lib.numerics import apply_numerics
+from tasks.lib.params import DEFAULT_PARAMS_PATH, Params, ParamsError, load_params
 
 log = logging.getLogger(__name__)
 
 # Images decoded and predicted at a time: memory stays bounded (12 MB of 32x32 pixels) however many
-# are given. Each image's probabilities do not depend on it (tasks.model.INFERENCE_BATCH).
+# are given. Each image's probabilities do not depend on it (tasks.lib.model.INFERENCE_BATCH).
 CHUNK_IMAGES = 4000
 
 
@@ -60,7 +60,7 @@ class Predictor:
     sha256: str
     class_names: list[str]
     image_size: int
-    profile: dict | None = None  # evaluate's reference profile of the test set (tasks.drift); None if absent
+    profile: dict | None = None  # evaluate's reference profile of the test set (tasks.lib.drift); None if absent
 
 
 @dataclass(frozen=True)
@@ -241,14 +241,14 @@ def resolve_model(choice: str, params: Params, root: Path) -> Iterator[Predictor
 
 def load_predictor_model(predictor: Predictor):
     """The predictor's model (sha256 checked, safe mode) with its embeddings as a second output."""
-    from tasks.model import with_embeddings  # imports Keras: after the numerics are set
+    from tasks.lib.model import with_embeddings  # imports Keras: after the numerics are set
 
     return with_embeddings(load_model(predictor.model_path, sha256=predictor.sha256))
 
 
 def predict_images(model, images: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """(class probabilities, embeddings) of uint8 images from a `load_predictor_model` model."""
-    from tasks.model import predict_with_embeddings
+    from tasks.lib.model import predict_with_embeddings
 
     if images.shape[0] == 0:
         return np.zeros((0, num_classes)), np.zeros((0, 0))

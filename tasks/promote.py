@@ -29,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.cli import run_stage, run_tool
-from tasks.io import (
+from tasks.lib.cli import run_stage, run_tool
+from tasks.lib.io import (
     DataError,
     WorkspaceBusyError,
     atomic_path,
@@ -41,9 +41,9 @@ from tasks.io import (
     verify_sha256,
     write_json,
 )
-from tasks.model_files import load_model
-from tasks.params import Params, PromoteParams
-from tasks.workspace import exclusive_workspace
+from tasks.lib.model_files import load_model
+from tasks.lib.params import Params, PromoteParams
+from tasks.lib.workspace import exclusive_workspace
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +211,7 @@ def fetch_at_revision(root: Path, path: Path, revision: str, destination: Path) 
 
 def predicted_labels(model_path: Path, sha256: str, images: np.ndarray) -> np.ndarray:
     """The class index `model_path` predicts per image, after checking the file is the one recorded."""
-    from tasks.model import predict_in_batches  # imports Keras: after run_stage has set the numerics
+    from tasks.lib.model import predict_in_batches  # imports Keras: after run_stage has set the numerics
 
     model = load_model(model_path, sha256=sha256)
     return predict_in_batches(model, images).argmax(axis=1)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from tasks.cli import run_stage
-from tasks.io import DataError, copy_verified, read_table, write_json
-from tasks.params import Params
+from tasks.lib.cli import run_stage
+from tasks.lib.io import DataError, copy_verified, read_table, write_json
+from tasks.lib.params import Params
 from tasks.train import RESUME_HISTORY, checkpoint_name
 
 log = logging.getLogger(__name__)

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.cli import run_stage
-from tasks.io import DataError, read_arrays, write_arrays
-from tasks.params import Params
+from tasks.lib.cli import run_stage
+from tasks.lib.io import DataError, read_arrays, write_arrays
+from tasks.lib.params import Params
 
 log = logging.getLogger(__name__)
 

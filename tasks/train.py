@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tasks.cli import run_stage
-from tasks.io import (
+from tasks.lib.cli import run_stage
+from tasks.lib.io import (
     DataError,
     copy_verified,
     current_umask,
@@ -29,9 +29,9 @@ from tasks.io import (
     write_json,
     write_table,
 )
-from tasks.model_files import save_model
-from tasks.numerics import keep_graph_arithmetic, run_precision
-from tasks.params import LookaheadParams, Params, TrainParams
+from tasks.lib.model_files import save_model
+from tasks.lib.numerics import keep_graph_arithmetic, run_precision
+from tasks.lib.params import LookaheadParams, Params, TrainParams
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ def compile_model(model, train: TrainParams, *, steps_per_epoch: int) -> None:
     if train.optimizer == "sgd":
         optimizer = keras.optimizers.SGD(momentum=train.momentum, nesterov=train.momentum > 0, **options)
     elif train.optimizer == "muon":
-        from tasks.optimizers import Muon
+        from tasks.lib.optimizers import Muon
 
         optimizer = Muon(
             momentum=train.momentum,
@@ -193,7 +193,7 @@ def training_targets(labels: np.ndarray, train: TrainParams, num_classes: int) -
 
 def model_options(train: TrainParams) -> dict:
     """The architecture options a recipe passes to build_model (none for the tutorial's CNN)."""
-    from tasks.model import SPEED_CNN_WIDTHS
+    from tasks.lib.model import SPEED_CNN_WIDTHS
 
     if train.model == "tutorial_cnn":
         return {}
@@ -419,8 +419,8 @@ def fit(
     precision: str = "float32",
 ) -> pd.DataFrame:
     """Fit from scratch or from the last completed epoch in `checkpoints`; return the history with sha256s."""
-    from tasks.model import build_model, initialize_from_data
-    from tasks.model_files import load_model
+    from tasks.lib.model import build_model, initialize_from_data
+    from tasks.lib.model_files import load_model
 
     set_up_backend(precision, seed)
     checkpoints.mkdir(parents=True, exist_ok=True)
@@ -468,8 +468,8 @@ def fit(
 
 def compute_record(train: TrainParams, arrays: dict[str, np.ndarray], num_classes: int) -> dict:
     """The run's compute counted from its model: FLOPs per image, PFLOP of training and validation."""
-    from tasks.flops import forward_flops, run_compute
-    from tasks.model import build_model, test_time_view_weights
+    from tasks.lib.flops import forward_flops, run_compute
+    from tasks.lib.model import build_model, test_time_view_weights
 
     model = build_model(train.model, arrays["x_train"].shape[1:], num_classes, **model_options(train))
     train_images = int(arrays["y_train"].size)
@@ -485,8 +485,8 @@ def compute_record(train: TrainParams, arrays: dict[str, np.ndarray], num_classe
 
 def training_code_files() -> list[Path]:
     """The source of every module training runs: the train stage's code deps in dvc.yaml."""
-    from tasks import cli, flops, io, model, model_files, numerics, optimizers
-    from tasks import params as params_module
+    from tasks.lib import cli, flops, io, model, model_files, numerics, optimizers
+    from tasks.lib import params as params_module
 
     modules = (cli, flops, io, model, model_files, numerics, optimizers, params_module)
     return sorted([Path(__file__), *(Path(module.__file__) for module in modules)])

@@ -22,7 +22,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from tasks.params import TUTORIAL_TRAIN
+from tasks.lib.params import TUTORIAL_TRAIN
 
 ROOT = Path(__file__).resolve().parent.parent
 CLASS_NAMES = ("circle", "cross", "square", "stripes")
@@ -148,7 +148,7 @@ def params_path(tmp_path, image_folder) -> Path:
 def split_params(params_path) -> Path:
     """`params_path` after ingest, preprocess and split have run in this process: ready to train."""
     from tasks import ingest, preprocess, split
-    from tasks.params import load_params
+    from tasks.lib.params import load_params
 
     params = load_params(params_path)
     for module in (ingest, preprocess, split):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bench.accelerator import recipe_train
-from tasks.params import LONG_TRAIN, ParamsError, load_params
+from tasks.lib.params import LONG_TRAIN, ParamsError, load_params
 from tests.conftest import ROOT
 
 

@@ -7,9 +7,9 @@ import math
 import pytest
 
 from bench.side_by_side import markdown, our_plan, peer_plan
-from tasks.flops import PFLOP, TRAINING_PASSES, conv_flops, dense_flops
+from tasks.lib.flops import PFLOP, TRAINING_PASSES, conv_flops, dense_flops
 
-# airbench94's network as `bench/peer.py --describe` counts it with tasks/flops.py's formula.
+# airbench94's network as `bench/peer.py --describe` counts it with tasks/lib/flops.py's formula.
 PEER = {"forward_flops": 236294720, "batch_size": 1024, "train_images": 45000, "steps_per_epoch": 43}
 PEER["pflop_per_step"] = TRAINING_PASSES * PEER["forward_flops"] * PEER["batch_size"] / PFLOP
 
@@ -31,8 +31,8 @@ def test_the_peer_runs_the_whole_steps_nearest_its_budget(budget):
 
 @pytest.mark.parametrize(("budget", "recipe"), [(0.01, "speed"), (0.03, "speed"), (0.3, "long")])
 def test_ours_spends_the_budget_with_the_recipe_for_it(budget, recipe):
-    from tasks.model import build_model
-    from tasks.params import LONG_TRAIN
+    from tasks.lib.model import build_model
+    from tasks.lib.params import LONG_TRAIN
 
     plan = our_plan(budget, PEER["train_images"])
     assert plan["recipe"] == recipe

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from bench.step import step_figures
-from tasks.params import TUTORIAL_TRAIN
+from tasks.lib.params import TUTORIAL_TRAIN
 from tests.conftest import ROOT
 
 

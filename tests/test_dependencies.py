@@ -81,8 +81,9 @@ def project_imports(module: str) -> set[str]:
         if isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names if alias.name.split(".")[0] == "tasks"}
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "tasks":
-            # `from tasks import io` names a module; `from tasks.io import read_json` names its contents.
-            found |= {f"tasks.{alias.name}" for alias in node.names} if node.module == "tasks" else {node.module}
+            # `from tasks.lib import io` names a module; `from tasks.lib.io import read_json` names its contents.
+            is_package = (ROOT / Path(*node.module.split("."))).is_dir()
+            found |= {f"{node.module}.{alias.name}" for alias in node.names} if is_package else {node.module}
     return found
 
 
@@ -117,3 +118,10 @@ def test_the_resume_fingerprint_hashes_exactly_the_train_stage_s_code_deps():
 
     train_stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["train"]
     assert {str(path.relative_to(ROOT)) for path in training_code_files()} == code_deps(train_stage)
+
+
+def test_the_shared_library_never_imports_a_stage():
+    for path in sorted((ROOT / "tasks" / "lib").glob("*.py")):
+        module = f"tasks.lib.{path.stem}"
+        stages = {found for found in project_imports(module) if not found.startswith("tasks.lib")}
+        assert not stages, f"{module} imports {sorted(stages)}: tasks.lib is what the stages share, never a stage"

@@ -12,8 +12,8 @@ import pytest
 from matplotlib import cbook
 from PIL import Image, ImageFilter
 
-from tasks.drift import MIN_IMAGES, batch_features, compare, pixel_features, reference_profile
-from tasks.io import read_json
+from tasks.lib.drift import MIN_IMAGES, batch_features, compare, pixel_features, reference_profile
+from tasks.lib.io import read_json
 from tests.conftest import ROOT
 
 REFERENCE, BATCH = 4000, 1000
@@ -33,8 +33,8 @@ def cifar10_test_images() -> np.ndarray:
 @pytest.fixture(scope="module")
 def model_outputs(reproduced):
     """(probabilities, embeddings) of the reproduced project's model, as predict computes them."""
-    from tasks.model import predict_with_embeddings, with_embeddings
-    from tasks.model_files import load_model
+    from tasks.lib.model import predict_with_embeddings, with_embeddings
+    from tasks.lib.model_files import load_model
 
     project = reproduced[0]
     best = read_json(project / "artifacts/model/best.json")

@@ -20,12 +20,12 @@ import pandas as pd
 import pytest
 import yaml
 
-from tasks.io import copy_verified, sha256_file
+from tasks.lib.io import copy_verified, sha256_file
 from tests.conftest import DVC, FLOW, edit_params, project_environment, ran_stages, run_command, wait_until
 
 # Loaded by every Python process of the stage (as sitecustomize.py); each fault is chosen by
 # environment variables and lands at one exact point, so no test depends on timing:
-# - FAULT_AT_RENAME=<file name> [FAULT_AT_COUNT=n]: when tasks.io is about to rename a finished
+# - FAULT_AT_RENAME=<file name> [FAULT_AT_COUNT=n]: when tasks.lib.io is about to rename a finished
 #   temporary file onto that name for the n-th time, SIGKILL this process (FAULT=kill) or hold
 #   still (FAULT=pause, FAULT_PAUSE_S seconds) so another run collides with it; with
 #   FAULT_PAUSE_ONCE=<marker file>, only the first process to get there holds still. FAULT=kill_worker
@@ -38,7 +38,7 @@ from tests.conftest import DVC, FLOW, edit_params, project_environment, ran_stag
 #   callback list is patched: the stage module runs as __main__, so it cannot be patched by name).
 # - FAULT_BEFORE_STATUS=<stage>:<marker>: before DVC's Repo.status(targets=[stage]) takes the
 #   repository lock, create <marker> and wait until <marker>.released exists (once).
-# - FAULT_AT_TOOL=<text> FAULT_WHEN=before|after|during|pause: when tasks.cli.run_tool runs a command
+# - FAULT_AT_TOOL=<text> FAULT_WHEN=before|after|during|pause: when tasks.lib.cli.run_tool runs a command
 #   line holding <text> (promote's git, gto and dvc calls), SIGKILL this process before it starts,
 #   after it succeeded, or while it runs (the command's process killed with it); or hold still
 #   FAULT_PAUSE_S seconds before it starts.
@@ -75,10 +75,10 @@ if rename_target or at_batch or before_status or at_tool:
     import importlib.abc, importlib.util
 
     class _Patch(importlib.abc.MetaPathFinder):
-        wanted = {"tasks.io"} if rename_target else set()
+        wanted = {"tasks.lib.io"} if rename_target else set()
         wanted |= {"keras.src.callbacks.callback_list"} if at_batch else set()
         wanted |= {"dvc.repo"} if before_status else set()
-        wanted |= {"tasks.cli"} if at_tool else set()
+        wanted |= {"tasks.lib.cli"} if at_tool else set()
 
         def find_spec(self, name, path=None, target_=None):
             if name not in self.wanted:
@@ -91,7 +91,7 @@ if rename_target or at_batch or before_status or at_tool:
 
             def exec_module(module):
                 original_exec(module)
-                patches = {"tasks.io": _patch_io, "dvc.repo": _patch_dvc_repo, "tasks.cli": _patch_run_tool}
+                patches = {"tasks.lib.io": _patch_io, "dvc.repo": _patch_dvc_repo, "tasks.lib.cli": _patch_run_tool}
                 patches.get(name, _patch_callbacks)(module)
 
             spec.loader.exec_module = exec_module
@@ -329,7 +329,7 @@ def test_kill_between_checkpoint_and_its_history_row(project):
 def test_change_of_training_code_or_data_starts_training_over(project):
     # One module stands for all: the fingerprint hashes every file of training_code_files(), which
     # test_dependencies.py holds equal to the train stage's code deps.
-    for change in ("tasks/io.py", "split"):
+    for change in ("tasks/lib/io.py", "split"):
         edit_params(project, "train", epochs=4)
         killed = subprocess.run(
             [*DVC, "repro"],

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.flops import forward_flops, run_compute
+from tasks.lib.flops import forward_flops, run_compute
 
 
 def test_conv_and_dense_flops_are_two_per_multiply_add_at_every_output_position():
@@ -23,7 +23,7 @@ def test_conv_and_dense_flops_are_two_per_multiply_add_at_every_output_position(
 
 
 def test_the_speed_recipe_counts_its_stem_blocks_and_head():
-    from tasks.model import STEM_KERNEL, STEM_WIDTH, build_speed_cnn
+    from tasks.lib.model import STEM_KERNEL, STEM_WIDTH, build_speed_cnn
 
     widths = (32, 128, 128)
     model = build_speed_cnn((32, 32, 3), 10, widths=widths, flip=True, translate=2, test_time_flip=True)
@@ -51,7 +51,7 @@ def test_a_run_counts_three_passes_per_training_image_and_each_inference_copy():
 def test_inference_compute_counts_every_test_time_view():
     import numpy as np
 
-    from tasks.params import TrainParams
+    from tasks.lib.params import TrainParams
     from tasks.train import compute_record
 
     arrays = {"x_train": np.zeros((100, 32, 32, 3), np.uint8), "y_train": np.zeros(100), "y_val": np.zeros(10)}

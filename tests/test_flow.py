@@ -44,7 +44,7 @@ def test_flow_and_dvc_yaml_agree_on_stages_and_order():
 
 
 def test_dvc_yaml_lists_the_params_sections_each_stage_reads():
-    from tasks.params import Params
+    from tasks.lib.params import Params
 
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     declared = {name: set(stage.get("params", [])) for name, stage in stages.items()}
@@ -251,7 +251,7 @@ def test_flow_refuses_a_corrupted_tracked_source_before_dvc_repoints_it(project)
 
 def test_the_run_ends_with_one_summary_a_person_can_read():
     from flows.pipeline import StageOutcome, run_summary
-    from tasks.params import load_params
+    from tasks.lib.params import load_params
 
     paths = load_params(ROOT / "params.yaml").paths
     outcomes = [StageOutcome("split", False, "up to date"), StageOutcome("train", True, "train: epochs 4 → 5", 192.4)]

@@ -20,7 +20,7 @@ from tasks.ingest import (
     read_cifar10_binary,
     read_image_folder,
 )
-from tasks.io import DataError
+from tasks.lib.io import DataError
 from tests.conftest import CLASS_NAMES, TEST_PER_CLASS, TRAIN_PER_CLASS, build_cifar10_archive, write_image_folder
 
 

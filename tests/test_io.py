@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tasks.io import DataError, atomic_path, read_arrays, read_json, verify_sha256, write_arrays, write_json
+from tasks.lib.io import DataError, atomic_path, read_arrays, read_json, verify_sha256, write_arrays, write_json
 from tests.conftest import on_a_small_disk
 
 
@@ -25,7 +25,7 @@ ARRAYS_ON_A_FULL_DISK = """
 import json, os, sys
 from pathlib import Path
 import numpy as np
-from tasks.io import write_arrays
+from tasks.lib.io import write_arrays
 target = Path(sys.argv[1]) / "dataset.npz"
 write_arrays(target, {"x": np.zeros(96 * 1024, np.uint8)})
 before, disk = target.read_bytes(), os.statvfs(target.parent)

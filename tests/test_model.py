@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from tasks.model import (
+from tasks.lib.model import (
     CIFAR10_MEAN,
     CIFAR10_STD,
     INFERENCE_BATCH,
@@ -74,7 +74,7 @@ def test_symmetric_eigh_decomposes_like_lapack_over_a_wide_range_of_eigenvalues(
 # CPU's, so one machine can run the kernels an AVX2-only Zen 3 gets (Zen) and an SSE3 CPU's.
 WHITENING_PROBE = """
 import hashlib, numpy as np
-from tasks.model import patch_covariance, symmetric_eigh, whitening_kernel
+from tasks.lib.model import patch_covariance, symmetric_eigh, whitening_kernel
 rng = np.random.default_rng(0)
 images = rng.integers(0, 256, (1500, 32, 32, 3), dtype=np.uint8)
 covariance = patch_covariance(images, 2)
@@ -169,7 +169,7 @@ def test_test_time_views_predict_the_weighted_mean_of_the_shifted_and_mirrored_i
 
 
 def test_layers_saved_before_test_time_shifts_load_as_an_image_and_its_mirror():
-    from tasks.model import FlipCopies, MergeFlipCopies
+    from tasks.lib.model import FlipCopies, MergeFlipCopies
 
     # Models saved before test-time shifts (prod's, a registry's) name these layers with no options.
     copies_config = {k: v for k, v in FlipCopies().get_config().items() if k not in ("flip", "translate")}
@@ -187,7 +187,7 @@ def test_layers_saved_before_test_time_shifts_load_as_an_image_and_its_mirror():
 def test_random_shift_moves_each_image_its_own_whole_pixels_and_leaves_inference_alone():
     import keras
 
-    from tasks.model import RandomShift
+    from tasks.lib.model import RandomShift
 
     keras.utils.set_random_seed(0)
     images = np.random.default_rng(0).uniform(size=(64, 8, 8, 3)).astype(np.float32)
@@ -212,7 +212,7 @@ def test_random_shift_moves_each_image_its_own_whole_pixels_and_leaves_inference
 def test_batch_norm_and_gelu_closed_form_gradients_match_autodiff_of_their_formulas():
     import tensorflow as tf
 
-    from tasks.model import ErfGelu, ExactBatchNormalization
+    from tasks.lib.model import ErfGelu, ExactBatchNormalization
 
     rng = np.random.default_rng(0)
     images = tf.constant(rng.normal(2.0, 3.0, (8, 5, 5, 6)).astype(np.float32))

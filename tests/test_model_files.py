@@ -7,9 +7,9 @@ import zipfile
 import keras
 import pytest
 
-from tasks.io import DataError
-from tasks.model import ScaledBias, build_model
-from tasks.model_files import load_model, save_model
+from tasks.lib.io import DataError
+from tasks.lib.model import ScaledBias, build_model
+from tasks.lib.model_files import load_model, save_model
 from tests.conftest import on_a_small_disk
 
 
@@ -59,8 +59,8 @@ def test_a_model_holding_code_is_refused_even_with_the_right_hash(tmp_path):
 MODEL_ON_A_FULL_DISK = """
 import json, os, sys
 from pathlib import Path
-from tasks.model import ScaledBias, build_model
-from tasks.model_files import save_model
+from tasks.lib.model import ScaledBias, build_model
+from tasks.lib.model_files import save_model
 target = Path(sys.argv[1]) / "model.keras"
 save_model(target, build_model("tutorial_cnn", (32, 32, 3), 10))
 before, disk = target.read_bytes(), os.statvfs(target.parent)

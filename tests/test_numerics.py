@@ -12,17 +12,17 @@ import pandas as pd
 import pytest
 import yaml
 
-from tasks.numerics import bf16_runs_here, compute_precision, cpu_flags, numerics_environment
-from tasks.params import NumericsParams, ParamsError, load_params
+from tasks.lib.numerics import bf16_runs_here, compute_precision, cpu_flags, numerics_environment
+from tasks.lib.params import NumericsParams, ParamsError, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Train a small conv net through the stages' own set-up (tasks.numerics), with oneDNN's
+# Train a small conv net through the stages' own set-up (tasks.lib.numerics), with oneDNN's
 # verbose log on: it names the instruction set oneDNN settled on and each kernel it ran.
 PROBE = """
 import sys
-from tasks.numerics import apply_numerics
-from tasks.params import NumericsParams
+from tasks.lib.numerics import apply_numerics
+from tasks.lib.params import NumericsParams
 apply_numerics(NumericsParams(mode=sys.argv[1], threads=int(sys.argv[2])))
 import keras, numpy as np
 images = np.random.default_rng(0).random((16, 32, 32, 3), dtype=np.float32)
@@ -95,7 +95,7 @@ def test_native_mode_under_the_shells_isa_cap_runs_the_capped_kernels_on_every_c
 
 
 def test_native_mode_keeps_the_shells_onednn_settings_and_portable_overrides_them(monkeypatch):
-    from tasks.numerics import apply_numerics
+    from tasks.lib.numerics import apply_numerics
 
     for key in ("ONEDNN_MAX_CPU_ISA", "TF_NUM_INTRAOP_THREADS", "ONEDNN_DEFAULT_FPMATH_MODE", "TF_ENABLE_ONEDNN_OPTS"):
         monkeypatch.delenv(key, raising=False)
@@ -180,8 +180,8 @@ def test_precision_follows_the_mode_and_the_cpus_bf16_instructions():
 LOAD_CAPPED = """
 import sys
 import numpy as np
-from tasks.model_files import load_model
-from tasks.model import computes_in
+from tasks.lib.model_files import load_model
+from tasks.lib.model import computes_in
 model = load_model(sys.argv[1])
 print(computes_in(model), model.predict(np.zeros((2, 32, 32, 3), np.uint8), verbose=0).sum())
 """
@@ -204,7 +204,7 @@ def test_native_bfloat16_trains_in_bfloat16_and_the_model_keeps_its_policy(split
     import keras
     import numpy as np
 
-    import tasks.model  # noqa: F401  (registers the custom layers for loading)
+    import tasks.lib.model  # noqa: F401  (registers the custom layers for loading)
 
     history = train_in("native", split_params, tmp_path, precision="bfloat16")
     assert len(history) == 2 and np.isfinite(history[["loss", "val_loss"]].to_numpy()).all()
@@ -240,8 +240,8 @@ def test_training_and_inference_graphs_use_no_approximate_reciprocal_ops(train_s
     import numpy as np
     import tensorflow as tf
 
-    from tasks.model import build_model
-    from tasks.params import TUTORIAL_TRAIN, TrainParams
+    from tasks.lib.model import build_model
+    from tasks.lib.params import TUTORIAL_TRAIN, TrainParams
     from tasks.train import compile_model, model_options, training_targets
 
     raw = (
@@ -270,11 +270,11 @@ def test_training_and_inference_graphs_use_no_approximate_reciprocal_ops(train_s
 RUNTIME_GRAPHS = """
 import sys
 from pathlib import Path
-from tasks.numerics import apply_numerics
-from tasks.params import NumericsParams, TUTORIAL_TRAIN, TrainParams
+from tasks.lib.numerics import apply_numerics
+from tasks.lib.params import NumericsParams, TUTORIAL_TRAIN, TrainParams
 apply_numerics(NumericsParams(mode="portable", threads=2))
 import numpy as np, yaml
-from tasks.model_files import load_model
+from tasks.lib.model_files import load_model
 from tasks.train import checkpoint_name, fit
 images = np.random.default_rng(0).integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
 labels = np.arange(16) % 4

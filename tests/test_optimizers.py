@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tasks.optimizers import Muon, orthogonalize
+from tasks.lib.optimizers import Muon, orthogonalize
 
 
 def _ill_conditioned(rows: int, columns: int) -> np.ndarray:

@@ -7,7 +7,7 @@ import math
 import pytest
 import yaml
 
-from tasks.params import LONG_TRAIN, TUTORIAL_TRAIN, ParamsError, load_params, parse_params
+from tasks.lib.params import LONG_TRAIN, TUTORIAL_TRAIN, ParamsError, load_params, parse_params
 from tests.conftest import ROOT
 
 
@@ -31,8 +31,8 @@ def test_tutorial_recipe_is_a_whole_valid_train_section(raw_params):
 
 
 def test_long_profile_is_a_whole_valid_train_section_within_its_compute_budget(raw_params):
-    from tasks.flops import forward_flops, run_compute
-    from tasks.model import build_model
+    from tasks.lib.flops import forward_flops, run_compute
+    from tasks.lib.model import build_model
     from tasks.train import model_options
 
     raw_params["train"] = LONG_TRAIN

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tasks.evaluate import cpu_description
-from tasks.io import sha256_file
+from tasks.lib.io import sha256_file
 from tests.conftest import (
     DVC,
     build_cifar10_archive,

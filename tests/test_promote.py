@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks.params import PromoteParams
+from tasks.lib.params import PromoteParams
 from tasks.promote import ARTIFACT, compare, decide, mcnemar_one_sided, required_gain
 from tests.conftest import DVC, edit_params, git, run_command, shared_remote, wait_until
 from tests.test_faults import environment_with_fault, run_killed
@@ -217,10 +217,10 @@ def test_promotion_from_a_workspace_it_cannot_register_changes_nothing(registry_
     (project / "tasks" / "model.py").write_text((project / "tasks" / "model.py").read_text() + "\n# edited\n")
     result = run_command(PROMOTE, project, check=False)
     assert result.returncode == 2
-    assert "cannot promote from this workspace" in result.stderr and "tasks/model.py" in result.stderr
+    assert "cannot promote from this workspace" in result.stderr and "tasks/lib/model.py" in result.stderr
     assert not (project / "artifacts/promotion").exists()
     assert git(project, "tag") == "" and git(project, "branch", "--list", "cifar10-cnn/*") == ""
-    subprocess.run(["git", "checkout", "--", "tasks/model.py"], cwd=project, check=True)
+    subprocess.run(["git", "checkout", "--", "tasks/lib/model.py"], cwd=project, check=True)
     run_command([*DVC, "remote", "remove", "store"], project)
     git(project, "remote", "remove", "origin")
     result = run_command(PROMOTE, project, check=False)

@@ -10,7 +10,7 @@ import sys
 
 import pandas as pd
 
-from tasks.params import flatten_params
+from tasks.lib.params import flatten_params
 from tasks.promote import compare, mcnemar_two_sided
 from tests.conftest import DVC, ROOT, edit_params, project_environment, run_command
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from tasks.io import DataError
+from tasks.lib.io import DataError
 from tasks.select_best import rank_checkpoints
 
 HISTORY = pd.DataFrame(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tasks.io import DataError
+from tasks.lib.io import DataError
 from tasks.split import split_arrays, stratified_indices
 
 

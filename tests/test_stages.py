@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from tasks import evaluate, ingest, preprocess, select_best, split, train
-from tasks.io import DataError, read_arrays, sha256_file
-from tasks.params import load_params
+from tasks.lib.io import DataError, read_arrays, sha256_file
+from tasks.lib.params import load_params
 from tests.conftest import CLASS_NAMES, ROOT, TEST_PER_CLASS, TRAIN_PER_CLASS, small_params
 
 
@@ -156,7 +156,7 @@ def test_select_best_refuses_a_checkpoint_changed_after_training(pipeline_run):
 
 
 def test_known_harmless_native_lines_are_dropped_and_errors_kept():
-    from tasks.cli import HARMLESS_NATIVE_LOG
+    from tasks.lib.cli import HARMLESS_NATIVE_LOG
 
     harmless = [
         "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR",

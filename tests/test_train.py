@@ -16,8 +16,8 @@ import pytest
 import yaml
 
 from tasks import train
-from tasks.io import DataError, sha256_file
-from tasks.params import load_params
+from tasks.lib.io import DataError, sha256_file
+from tasks.lib.params import load_params
 from tasks.train import TrainingDivergedError
 from tests.conftest import ROOT
 
@@ -31,7 +31,7 @@ def with_train(path, **changes):
 
 def checkpoint_weights(path: Path) -> list:
     """The weights saved in the checkpoint at `path` (load_model wants a sha256; its own is given)."""
-    from tasks.model_files import load_model
+    from tasks.lib.model_files import load_model
 
     return load_model(path, sha256=sha256_file(path)).get_weights()
 
@@ -109,8 +109,8 @@ def test_validation_crossentropy_is_computed_as_the_test_crossentropy(split_para
     import numpy as np
 
     from tasks.evaluate import score_predictions
-    from tasks.io import read_arrays
-    from tasks.model_files import load_model
+    from tasks.lib.io import read_arrays
+    from tasks.lib.model_files import load_model
 
     params = with_train(split_params, epochs=1, **SPEED_RECIPE)  # label smoothing 0.2: loss is not cross-entropy
     train.run(params)
@@ -153,8 +153,8 @@ SPEED_RECIPE = {
 def test_speed_recipe_resumes_its_schedule_and_predicts_without_augmenting(split_params, caplog):
     import numpy as np
 
-    from tasks.io import read_arrays
-    from tasks.model_files import load_model
+    from tasks.lib.io import read_arrays
+    from tasks.lib.model_files import load_model
 
     params = with_train(split_params, epochs=3, **SPEED_RECIPE)
     train.run(params)
@@ -251,9 +251,9 @@ def test_each_epoch_feeds_every_image_once_in_the_order_its_seed_and_number_draw
 
 
 def test_a_fractional_last_epoch_stops_early_is_validated_and_counted_as_run(split_params):
-    from tasks.flops import TRAINING_PASSES
-    from tasks.io import read_arrays, read_json
-    from tasks.model_files import load_model
+    from tasks.lib.flops import TRAINING_PASSES
+    from tasks.lib.io import read_arrays, read_json
+    from tasks.lib.model_files import load_model
 
     params = with_train(split_params, epochs=1.5, **SPEED_RECIPE)
     train.run(params)
@@ -297,7 +297,7 @@ def _weights_per_step(lookahead: dict, *, epochs: float, steps_per_epoch: int, s
     import keras
     import numpy as np
 
-    from tasks.params import LookaheadParams
+    from tasks.lib.params import LookaheadParams
 
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3), keras.layers.BatchNormalization()])
@@ -343,7 +343,7 @@ def test_lookahead_moves_the_weights_to_their_rising_average_and_hands_it_over_a
 ):
     import numpy as np
 
-    from tasks.params import LookaheadParams
+    from tasks.lib.params import LookaheadParams
 
     lookahead = {"start_fraction": 0.3, "every_steps": 3, "decay": 0.9}
     steps_per_epoch = 4

@@ -1,6 +1,6 @@
 """Keras model files: saved atomically with reproducible bytes, loaded in safe mode after a hash check.
 
-Apart from tasks.io so that the stages that never touch a model (ingest, preprocess, split)
+Apart from tasks.lib.io so that the stages that never touch a model (ingest, preprocess, split)
 do not import, and so do not depend in dvc.yaml on, the model code a loaded model needs.
 """
 
@@ -11,7 +11,7 @@ import logging
 import zipfile
 from pathlib import Path
 
-from tasks.io import DataError, atomic_path, sha256_file, verify_sha256
+from tasks.lib.io import DataError, atomic_path, sha256_file, verify_sha256
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +79,11 @@ def load_model(path: str | Path, sha256: str | None = None):
     """Load a Keras model in safe mode, refusing it first if its sha256 is not `sha256`."""
     import keras  # deferred: importing TensorFlow takes seconds and most callers need no model
 
-    # tasks.model registers the custom layers the saved models use; tasks.optimizers the optimizer
+    # tasks.lib.model registers the custom layers the saved models use; tasks.lib.optimizers the optimizer
     # a checkpoint saves with its state.
-    import tasks.optimizers  # noqa: F401
-    from tasks.model import computes_in, in_float32
-    from tasks.numerics import bf16_runs_here, keep_graph_arithmetic
+    import tasks.lib.optimizers  # noqa: F401
+    from tasks.lib.model import computes_in, in_float32
+    from tasks.lib.numerics import bf16_runs_here, keep_graph_arithmetic
 
     keep_graph_arithmetic()  # before the model's first graph
     if not Path(path).is_file():

@@ -40,7 +40,7 @@ def build_tutorial_cnn(input_shape: tuple[int, int, int], num_classes: int) -> k
 # each. Keras' BatchNormalization (rsqrt), GELU (erfc) and softmax use them; the layers below
 # compute the same functions from sqrt, division, erf and exp, whose results are the same on
 # every x86 CPU. Grappler would still rewrite x / sqrt(y) into x * rsqrt(y) when a graph runs, so
-# tasks.numerics.keep_graph_arithmetic turns that pass off; tests/test_numerics.py reads the graphs
+# tasks.lib.numerics.keep_graph_arithmetic turns that pass off; tests/test_numerics.py reads the graphs
 # as run and checks that no training or inference graph uses any of these ops.
 
 

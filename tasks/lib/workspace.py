@@ -8,7 +8,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from tasks.io import WorkspaceBusyError
+from tasks.lib.io import WorkspaceBusyError
 
 # Set, with pass_fds, for a child that holds the lock with its parent (the flow's promote step).
 LOCK_FD_VARIABLE = "CIFAR10_WORKSPACE_LOCK_FD"

@@ -1,4 +1,4 @@
-"""The only place arrays, JSON and tables are written and read (Keras models: tasks.model_files).
+"""The only place arrays, JSON and tables are written and read (Keras models: tasks.lib.model_files).
 
 Every writer goes through `atomic_path`: data lands under a temporary name in the
 destination folder and is renamed into place only once complete, so a crash, a kill or

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from tasks.params import NumericsParams, ParamsError
+from tasks.lib.params import NumericsParams, ParamsError
 
 # The widest instruction set every CPU of the pool has (Zen 3 has no AVX-512).
 PORTABLE_MAX_ISA = "AVX2"

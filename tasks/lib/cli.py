@@ -13,9 +13,9 @@ import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from tasks.io import DataError, WorkspaceBusyError
-from tasks.numerics import apply_numerics
-from tasks.params import DEFAULT_PARAMS_PATH, Params, ParamsError, load_params
+from tasks.lib.io import DataError, WorkspaceBusyError
+from tasks.lib.numerics import apply_numerics
+from tasks.lib.params import DEFAULT_PARAMS_PATH, Params, ParamsError, load_params
 
 StageRun = Callable[[Params], list[Path]]
 

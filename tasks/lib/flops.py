@@ -3,7 +3,7 @@
 Counts the convolutions and dense layers (2 FLOPs per multiply-add), which are nearly all of
 the arithmetic; batch norm, GELU, pooling and the optimizer's update add about 3 % for the
 speed recipe and are left out, as airbench's and the literature's counts leave them out.
-Muon's Newton-Schulz products (tasks/optimizers.py) are 0.8 % more at the default widths and
+Muon's Newton-Schulz products (tasks/lib/optimizers.py) are 0.8 % more at the default widths and
 1.7 % at the long profile's (0.79 and 6.3 GFLOP a step), left out likewise.
 A training step costs three forward passes (forward, and the two products of the backward
 pass); a prediction (validation, test) one per test-time view (2 with flips, 6 with flips and shifts).

@@ -81,7 +81,7 @@ class LookaheadParams(_Section):
 
 class MuonParams(_Section):
     # The conv kernels' peak learning rate under optimizer muon: a relative step, since each
-    # kernel is rescaled to norm sqrt(output channels) first (tasks/optimizers.py).
+    # kernel is rescaled to norm sqrt(output channels) first (tasks/lib/optimizers.py).
     learning_rate: PositiveFloat
     # Their Nesterov momentum (airbench94_muon: 0.6).
     momentum: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)] = 0.6
@@ -174,7 +174,7 @@ TUTORIAL_TRAIN = {
 
 
 # The long profile (#12): the speed recipe at airbench94's widths for 10 epochs, about 0.33 PFLOP
-# of training (tasks/flops.py), within airbench94's 0.36. One params change away: README shows it
+# of training (tasks/lib/flops.py), within airbench94's 0.36. One params change away: README shows it
 # as YAML for params.yaml's train section; bench.speed_to_accuracy runs it as the recipe `long`.
 LONG_TRAIN = {
     "model": "speed_cnn",
@@ -212,7 +212,7 @@ class SelectBestParams(_Section):
 
 class NumericsParams(_Section):
     # portable: byte-identical results on every CPU of the pool (oneDNN capped at AVX2 kernels,
-    # a fixed thread count); native: every instruction set the CPU has, for speed (tasks/numerics.py).
+    # a fixed thread count); native: every instruction set the CPU has, for speed (tasks/lib/numerics.py).
     mode: Literal["portable", "native"] = "portable"
     # Threads that split each kernel's work in portable mode; native mode uses every core.
     threads: PositiveInt = 2
