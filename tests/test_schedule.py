@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -153,12 +155,14 @@ def test_a_run_left_pending_by_a_dead_scheduler_is_crashed_on_restart(project, p
         assert _slots_in_use(client, deployment.id) == 0
 
 
-def _serve_held_before_epoch_2(project, *, epochs: int, pause_s: float) -> subprocess.Popen:
+def _serve_held_before_epoch_2(project, *, epochs: int, pause_s: float, **settings) -> subprocess.Popen:
     """A scheduler whose runs train `epochs` epochs and hold still `pause_s` s before landing epoch 2."""
     from tests.test_faults import environment_with_fault
 
     edit_params(project, "train", epochs=epochs)
-    held = environment_with_fault(project, FAULT_AT_RENAME="epoch-002.keras", FAULT="pause", FAULT_PAUSE_S=pause_s)
+    held = environment_with_fault(
+        project, FAULT_AT_RENAME="epoch-002.keras", FAULT="pause", FAULT_PAUSE_S=pause_s, **settings
+    )
     return start_serving(project, held)
 
 
@@ -177,9 +181,6 @@ def _start_held_before_epoch_2(project, client, deployment_id):
 
 def _kill_while_training(project, client, deployment_id, runner) -> tuple:
     """Start a run, wait until it trains (held still before landing epoch 2), SIGKILL `runner`'s whole group."""
-    import os
-    import signal
-
     from tests.test_faults import checkpoint_bytes
 
     run = _start_held_before_epoch_2(project, client, deployment_id)
@@ -227,9 +228,6 @@ def test_scheduler_killed_while_a_run_trains_recovers_on_restart(project, prefec
 
 
 def test_the_scheduler_killed_alone_leaves_its_run_going_and_a_restart_leaves_it_alone(project, prefect_api):
-    import os
-    import signal
-
     from tests.test_faults import checkpoint_history
 
     # Held still 30 s before landing epoch 2: time to kill the scheduler and start it again.
@@ -259,10 +257,44 @@ def test_the_scheduler_killed_alone_leaves_its_run_going_and_a_restart_leaves_it
             stop_process(runner)
 
 
-def test_server_and_scheduler_killed_together_recover_on_restart(project, tmp_path):
-    import os
-    import signal
+def test_heartbeats_alone_keep_a_long_step_running_and_crash_a_dead_run_with_no_restart(project, prefect_api):
+    from datetime import UTC, datetime
 
+    from flows.schedule import MISSED_HEARTBEATS
+
+    heartbeat_s = 30  # Prefect's shortest period: silence counts after 3 x 30 = 90 s
+    silence_s = MISSED_HEARTBEATS * heartbeat_s
+    # Training holds still 110 s before landing epoch 2: a step longer than the silence.
+    runner = _serve_held_before_epoch_2(project, epochs=3, pause_s=110, PREFECT_FLOWS_HEARTBEAT_FREQUENCY=heartbeat_s)
+    with prefect_client(prefect_api) as client:
+        deployment = wait_until(
+            lambda: _deployment(client, project), 120, f"{DEPLOYMENT} to be registered", interval_s=1
+        )
+        run = _start_held_before_epoch_2(project, client, deployment.id)
+
+        def running_for_s() -> float:
+            return (datetime.now(UTC) - client.read_flow_run(run.id).start_time).total_seconds()
+
+        # Healthy past the silence (PrefectHQ/prefect#21932 and #18653 list the automation's false
+        # positives): its heartbeats keep it Running.
+        wait_until(lambda: running_for_s() > silence_s + 10, 300, "the run to outlive the silence", interval_s=1)
+        assert client.read_flow_run(run.id).state.is_running()
+        # Then its process, and the scheduler's, die; nobody restarts anything.
+        flow_pid = int(client.read_flow_run(run.id).infrastructure_pid.split(":")[1])
+        for group in {os.getpgid(flow_pid), runner.pid}:
+            os.killpg(group, signal.SIGKILL)
+        runner.wait(timeout=30)
+        crashed = wait_until(
+            lambda: (current := client.read_flow_run(run.id)).state.is_crashed() and current,
+            silence_s + 90,
+            "the automation to mark the silent run Crashed",
+            interval_s=2,
+        )
+        assert f"no heartbeat for {silence_s} s" in crashed.state.message
+        wait_until(lambda: _slots_in_use(client, deployment.id) == 0, 30, "the slot to come free")
+
+
+def test_server_and_scheduler_killed_together_recover_on_restart(project, tmp_path):
     from tests.conftest import free_port, start_prefect_server
     from tests.test_faults import environment_with_fault
 
@@ -384,3 +416,4 @@ def test_the_zombie_automation_is_created_once_and_watches_this_deployment(prefe
     assert automation.trigger.posture.value == "Proactive" and "prefect.flow-run.heartbeat" in automation.trigger.after
     assert f"prefect.deployment.{deployment_id}" in str(automation.trigger.match_related)
     assert automation.actions[0].state.value == "CRASHED"
+    assert automation.actions[0].force is False  # a run that completed meanwhile stays Completed
