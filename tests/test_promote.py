@@ -214,7 +214,7 @@ def test_a_champion_trained_on_another_class_list_is_refused(registry_project):
 
 def test_promotion_from_a_workspace_it_cannot_register_changes_nothing(registry_project):
     project = registry_project
-    (project / "tasks" / "model.py").write_text((project / "tasks" / "model.py").read_text() + "\n# edited\n")
+    (project / "tasks/lib/model.py").write_text((project / "tasks/lib/model.py").read_text() + "\n# edited\n")
     result = run_command(PROMOTE, project, check=False)
     assert result.returncode == 2
     assert "cannot promote from this workspace" in result.stderr and "tasks/lib/model.py" in result.stderr
