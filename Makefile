@@ -28,10 +28,11 @@ run: setup
 repro: setup
 	$(BIN)/dvc repro --pull
 
-# Two worker processes (pytest-xdist): most tests wait on subprocesses, so 2 cores overlap them.
-# The 25 slowest tests close every run, so CI's cost stays in view.
+# Three worker processes (pytest-xdist) on 2 cores: with two, the cores sat idle a fifth of the
+# time while tests waited on servers, heartbeats and held-still runs. The 25 slowest tests close
+# every run, so CI's cost stays in view.
 test: setup
-	$(BIN)/python -m pytest -n 2 --dist worksteal --durations=25
+	$(BIN)/python -m pytest -n 3 --dist worksteal --durations=25
 
 lint: setup
 	$(BIN)/ruff check .
