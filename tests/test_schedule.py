@@ -185,13 +185,18 @@ def _kill_while_training(project, client, deployment_id, runner) -> tuple:
 
     run = _start_held_before_epoch_2(project, client, deployment_id)
     first_epoch = checkpoint_bytes(project, (1,))
-    # The flow run's process (it recorded itself), with dvc and training under it, and the
-    # scheduler: killed at once (the same group, or two), as a reboot or an OOM kill of both would.
+    _kill_run_and_scheduler(client, run, runner)
+    return run, first_epoch
+
+
+def _kill_run_and_scheduler(client, run, runner: subprocess.Popen) -> None:
+    """SIGKILL `run`'s process group, with dvc and training under it, and the scheduler's."""
+    # The flow run's process (it recorded itself) and the scheduler: killed at once (the same
+    # group, or two), as a reboot or an OOM kill of both would.
     flow_pid = int(client.read_flow_run(run.id).infrastructure_pid.split(":")[1])
     for group in {os.getpgid(flow_pid), runner.pid}:
         os.killpg(group, signal.SIGKILL)
     runner.wait(timeout=30)
-    return run, first_epoch
 
 
 def _assert_recovers(project, client, deployment_id, dead_run, first_epoch) -> None:
@@ -280,10 +285,7 @@ def test_heartbeats_alone_keep_a_long_step_running_and_crash_a_dead_run_with_no_
         wait_until(lambda: running_for_s() > silence_s + 10, 300, "the run to outlive the silence", interval_s=1)
         assert client.read_flow_run(run.id).state.is_running()
         # Then its process, and the scheduler's, die; nobody restarts anything.
-        flow_pid = int(client.read_flow_run(run.id).infrastructure_pid.split(":")[1])
-        for group in {os.getpgid(flow_pid), runner.pid}:
-            os.killpg(group, signal.SIGKILL)
-        runner.wait(timeout=30)
+        _kill_run_and_scheduler(client, run, runner)
         crashed = wait_until(
             lambda: (current := client.read_flow_run(run.id)).state.is_crashed() and current,
             silence_s + 90,
