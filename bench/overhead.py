@@ -103,7 +103,8 @@ def main() -> None:
     spans = stage_spans((arguments.workdir / "run.log").read_text(), launched_s)
     paths = yaml.safe_load((project / "params.yaml").read_text())["paths"]
     history = with_epoch_seconds(read_table(project / paths["training"] / "history.csv"), project / paths["resume"])
-    print(f"\n{cpu_line()}; commit {subprocess.getoutput(f'git -C {project} rev-parse --short HEAD')}")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=project, capture_output=True, text=True)
+    print(f"\n{cpu_line()}; commit {commit.stdout.strip()}")
     print("| part | seconds |\n| --- | --- |")
     for part, seconds in breakdown(setup_s, run_s, spans, float(history["seconds"].iloc[-1])):
         print(f"| {part} | {seconds:.1f} |")
