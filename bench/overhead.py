@@ -82,19 +82,31 @@ def timed(command: list[str], cwd: Path, environment: dict, log: Path) -> float:
     return time.perf_counter() - start
 
 
+def fresh_clone(workdir: Path) -> tuple[Path, dict]:
+    """HEAD cloned into `workdir`/main with ../shared linked beside it, and a shell's environment to run it in."""
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True)
+    project = workdir / "main"
+    subprocess.run(["git", "clone", "--quiet", str(ROOT), str(project)], check=True)
+    (workdir / "shared").symlink_to((ROOT.parent / "shared").resolve())
+    # A shell's environment, not this venv's: the clone builds and uses its own.
+    environment = {key: value for key, value in os.environ.items() if key not in ("PREFECT_API_URL", "VIRTUAL_ENV")}
+    return project, environment
+
+
+def commit_of(project: Path) -> str:
+    """The short commit `project` has checked out."""
+    result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=project, capture_output=True, text=True)
+    return result.stdout.strip()
+
+
 def main() -> None:
     """Clone, time `make setup` and `make run`, print where the time went."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/cifar10-overhead"))
     arguments = parser.parse_args()
-    if arguments.workdir.exists():
-        shutil.rmtree(arguments.workdir)
-    arguments.workdir.mkdir(parents=True)
-    project = arguments.workdir / "main"
-    subprocess.run(["git", "clone", "--quiet", str(ROOT), str(project)], check=True)
-    (arguments.workdir / "shared").symlink_to((ROOT.parent / "shared").resolve())
-    # A shell's environment, not this venv's: the clone builds and uses its own.
-    environment = {key: value for key, value in os.environ.items() if key not in ("PREFECT_API_URL", "VIRTUAL_ENV")}
+    project, environment = fresh_clone(arguments.workdir)
     print(f"[overhead] make setup, then make run, in {project}", file=sys.stderr, flush=True)
     setup_s = timed(["make", "setup"], project, environment, arguments.workdir / "setup.log")
     now = datetime.now()
@@ -103,8 +115,7 @@ def main() -> None:
     spans = stage_spans((arguments.workdir / "run.log").read_text(), launched_s)
     paths = yaml.safe_load((project / "params.yaml").read_text())["paths"]
     history = with_epoch_seconds(read_table(project / paths["training"] / "history.csv"), project / paths["resume"])
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=project, capture_output=True, text=True)
-    print(f"\n{cpu_line()}; commit {commit.stdout.strip()}")
+    print(f"\n{cpu_line()}; commit {commit_of(project)}")
     print("| part | seconds |\n| --- | --- |")
     for part, seconds in breakdown(setup_s, run_s, spans, float(history["seconds"].iloc[-1])):
         print(f"| {part} | {seconds:.1f} |")

@@ -116,6 +116,11 @@ def build_cifar10_archive(
     return expected
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run the long-running tests first: at the end of a run with several workers, one would run alone."""
+    items.sort(key=lambda item: item.get_closest_marker("long_running") is None)  # a stable sort
+
+
 @pytest.fixture(scope="session")
 def image_folder(tmp_path_factory) -> Path:
     """A read-only image-folder dataset: 4 classes, 12 train and 4 test images each (64 in all)."""

@@ -119,6 +119,7 @@ def registry_refs(repository: Path) -> list[str]:
     return sorted(listed.split())
 
 
+@pytest.mark.long_running
 def test_weak_model_then_strong_one_promoted_then_weak_one_refused_then_rolled_back(registry_project, tmp_path):
     project, bare = registry_project, tmp_path / "shared.git"
     head, branch = git(project, "rev-parse", "HEAD"), git(project, "branch", "--show-current")
@@ -243,6 +244,7 @@ KILL_POINTS = {
 }
 
 
+@pytest.mark.long_running
 def test_a_promotion_killed_at_any_point_is_finished_or_cleaned_up_by_the_next(registry_project, tmp_path):
     project = registry_project
     for number, (point, (text, when)) in enumerate(KILL_POINTS.items()):

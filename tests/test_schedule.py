@@ -262,6 +262,7 @@ def test_the_scheduler_killed_alone_leaves_its_run_going_and_a_restart_leaves_it
             stop_process(runner)
 
 
+@pytest.mark.long_running
 def test_heartbeats_alone_keep_a_long_step_running_and_crash_a_dead_run_with_no_restart(project, prefect_api):
     from datetime import UTC, datetime
 

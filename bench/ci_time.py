@@ -1,0 +1,132 @@
+"""CI's time from a fresh clone, on this CPU or on a slower one stood in for by a CPU quota.
+
+Usage: python -m bench.ci_time [--cpus N] [--isa-cap ISA] [--workdir DIR]
+
+Clones HEAD with ../shared linked beside it (as bench.overhead does) and runs `.ci/run` there as
+CI does, inside a cgroup of its own, so the CPU time of every process it starts is counted,
+orphans included. `--cpus N` caps that cgroup at N cores: the slowest CPU of the pool, a 2-core AMD
+Zen 1, ran the same test suite 1.46-1.71 times slower than this pool's Zen 4 (docs/speed.md), so
+`--cpus 1.25` (2 / 1.6) on a Zen 4 stands in for it. `--isa-cap AVX2` sets ONEDNN_MAX_CPU_ISA as
+a CPU without AVX-512 or bf16 has it. Needs write access to /sys/fs/cgroup (cgroup v1 or v2).
+Prints the wall and CPU time, pytest's count line and the slowest tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.overhead import commit_of, fresh_clone
+from bench.predict import cpu_line
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+PERIOD_US = 100_000
+# pytest's last line: "==== 299 passed, 2 warnings in 1075.09s (0:17:55) ====".
+_SUMMARY = re.compile(r"^=+ (.+) in ([\d.]+)s(?: \([\d:]+\))? =+$", re.M)
+
+
+@dataclass(frozen=True)
+class Cgroup:
+    """A cgroup (v1: its cpu and cpuacct halves) that processes join and whose CPU time can be read."""
+
+    procs: tuple[Path, ...]  # the cgroup.procs files a process writes its pid into
+    usage: Path  # v2: cpu.stat (usage_usec); v1: cpuacct.usage (nanoseconds)
+
+    def join(self) -> None:
+        """Move the calling process (and so everything it starts) into the cgroup."""
+        for procs in self.procs:
+            procs.write_text(str(os.getpid()))
+
+    def cpu_seconds(self) -> float:
+        """CPU time used by every process that was ever in the cgroup."""
+        text = self.usage.read_text()
+        if self.usage.name == "cpu.stat":
+            return int(re.search(r"^usage_usec (\d+)$", text, re.M).group(1)) / 1e6
+        return int(text) / 1e9
+
+    def remove(self) -> None:
+        """Remove the cgroup's folders; one that still holds a process (an orphan of CI) stays."""
+        for procs in self.procs:
+            with contextlib.suppress(OSError):
+                procs.parent.rmdir()
+
+
+def make_cgroup(root: Path, name: str, cpus: float | None) -> Cgroup:
+    """The cgroup `name` under `root`, capped at `cpus` cores (None: no cap)."""
+    quota = None if cpus is None else round(cpus * PERIOD_US)
+    if (root / "cgroup.controllers").exists():  # v2: one hierarchy
+        group = root / name
+        group.mkdir(exist_ok=True)
+        (group / "cpu.max").write_text(f"{quota or 'max'} {PERIOD_US}")
+        return Cgroup((group / "cgroup.procs",), group / "cpu.stat")
+    cpu, accounting = root / "cpu" / name, root / "cpuacct" / name  # the same folder where mounted as cpu,cpuacct
+    for group in (cpu, accounting):
+        group.mkdir(exist_ok=True)
+    (cpu / "cpu.cfs_period_us").write_text(str(PERIOD_US))
+    (cpu / "cpu.cfs_quota_us").write_text(str(quota or -1))
+    procs = dict.fromkeys([cpu.resolve() / "cgroup.procs", accounting.resolve() / "cgroup.procs"])
+    return Cgroup(tuple(procs), accounting / "cpuacct.usage")
+
+
+def pytest_tail(log: str, slowest: int = 10) -> tuple[str, float, list[str]]:
+    """(pytest's count line, its seconds, the first `slowest` lines of its durations table) from a CI log."""
+    summaries = _SUMMARY.findall(log)
+    if not summaries:
+        raise ValueError("the CI log has no pytest summary line: did the tests run?")
+    counts, seconds = summaries[-1]
+    table = log.split("slowest durations", 1)[1].splitlines()[1:] if "slowest durations" in log else []
+    return counts, float(seconds), [line for line in table if re.match(r"^[\d.]+s ", line)][:slowest]
+
+
+def minutes(seconds: float) -> str:
+    """1103.4 -> '18 min 23 s'."""
+    whole = round(seconds)
+    return f"{whole // 60} min {whole % 60:02d} s"
+
+
+def main() -> None:
+    """Clone, run `.ci/run` in a cgroup, print its time and slowest tests."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cpus", type=float, help="cap CI at this many cores (1.25 stands in for Zen 1)")
+    parser.add_argument("--isa-cap", help="ONEDNN_MAX_CPU_ISA for CI's processes, such as AVX2")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/cifar10-ci-time"))
+    arguments = parser.parse_args()
+    if arguments.cpus is not None and arguments.cpus <= 0:
+        parser.error(f"--cpus {arguments.cpus}: expected a positive number of cores")
+    try:
+        group = make_cgroup(CGROUP_ROOT, f"cifar10-ci-{os.getpid()}", arguments.cpus)
+    except OSError as error:
+        sys.exit(f"error: cannot make a cgroup under {CGROUP_ROOT}: {error} (run as root, or with a delegated cgroup)")
+    project, environment = fresh_clone(arguments.workdir)
+    environment["CI"] = "true"
+    if arguments.isa_cap:
+        environment["ONEDNN_MAX_CPU_ISA"] = arguments.isa_cap
+    log = arguments.workdir / "ci.log"
+    print(f"[ci_time] .ci/run in {project}; its output in {log}", file=sys.stderr, flush=True)
+    cpu_before, start = group.cpu_seconds(), time.perf_counter()
+    try:
+        with open(log, "w") as output:
+            command = ["bash", ".ci/run"]
+            result = subprocess.run(
+                command, cwd=project, env=environment, stdout=output, stderr=subprocess.STDOUT, preexec_fn=group.join
+            )
+        wall_s, cpu_s = time.perf_counter() - start, group.cpu_seconds() - cpu_before
+    finally:
+        group.remove()
+    counts, tests_s, table = pytest_tail(log.read_text())
+    cap = f"{arguments.cpus:g} cores of CPU time" if arguments.cpus else "no CPU cap"
+    print(f"\n{cpu_line()}; commit {commit_of(project)}; {cap}; ONEDNN_MAX_CPU_ISA={arguments.isa_cap or 'unset'}")
+    print(f".ci/run exited {result.returncode}: {minutes(wall_s)} in all, {cpu_s:,.0f} CPU-seconds")
+    print(f"tests: {counts} in {minutes(tests_s)}\nslowest:\n" + "\n".join(table))
+    sys.exit(result.returncode)
+
+
+if __name__ == "__main__":
+    main()
