@@ -30,6 +30,8 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 PERIOD_US = 100_000
 # pytest's last line: "==== 299 passed, 2 warnings in 1075.09s (0:17:55) ====".
 _SUMMARY = re.compile(r"^=+ (.+) in ([\d.]+)s(?: \([\d:]+\))? =+$", re.M)
+# The head of its durations table: "==== slowest 25 durations ====" (or "slowest durations" with --durations=0).
+_DURATIONS = re.compile(r"slowest (?:\d+ )?durations")
 
 
 @dataclass(frozen=True)
@@ -81,7 +83,7 @@ def pytest_tail(log: str, slowest: int = 10) -> tuple[str, float, list[str]]:
     if not summaries:
         raise ValueError("the CI log has no pytest summary line: did the tests run?")
     counts, seconds = summaries[-1]
-    table = log.split("slowest durations", 1)[1].splitlines()[1:] if "slowest durations" in log else []
+    table = _DURATIONS.split(log, 1)[1].splitlines()[1:] if _DURATIONS.search(log) else []
     return counts, float(seconds), [line for line in table if re.match(r"^[\d.]+s ", line)][:slowest]
 
 

@@ -10,7 +10,7 @@ from bench.ci_time import make_cgroup, minutes, pytest_tail
 
 CI_LOG = """make setup
 ........................................................................ [ 96%]
-============================== slowest durations ===============================
+============================= slowest 25 durations =============================
 196.35s call     tests/test_schedule.py::test_heartbeats
 153.40s call     tests/test_sweep.py::test_three_candidates
 0.01s setup    tests/test_params.py::test_bad_values
