@@ -8,13 +8,15 @@ orphans included. `--cpus N` caps that cgroup at N cores: the slowest CPU of the
 Zen 1, ran the same test suite 1.46-1.71 times slower than this pool's Zen 4 (docs/speed.md), so
 `--cpus 1.25` (2 / 1.6) on a Zen 4 stands in for it. `--isa-cap AVX2` sets ONEDNN_MAX_CPU_ISA as
 a CPU without AVX-512 or bf16 has it. Needs write access to /sys/fs/cgroup (cgroup v1 or v2).
-Prints the wall and CPU time, pytest's count line and the slowest tests.
+Prints the wall and CPU time, pytest's count line, the slowest tests and the tests that took
+the most CPU (tests/conftest.py logs each test's, with its processes', to CIFAR10_TEST_CPU_LOG).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import re
 import subprocess
@@ -87,6 +89,17 @@ def pytest_tail(log: str, slowest: int = 10) -> tuple[str, float, list[str]]:
     return counts, float(seconds), [line for line in table if re.match(r"^[\d.]+s ", line)][:slowest]
 
 
+def most_cpu(log: str, total_cpu_s: float, top: int = 10) -> list[str]:
+    """The `top` tests by CPU-seconds, from the per-test JSON lines, each with its share of `total_cpu_s`."""
+    records = sorted((json.loads(line) for line in log.splitlines() if line.strip()), key=lambda r: -r["cpu_s"])
+    counted = sum(record["cpu_s"] for record in records)
+    lines = [f"all {len(records)} tests: {counted:,.0f} CPU-seconds, {counted / total_cpu_s:.0%} of CI's"]
+    for record in records[:top]:
+        share = record["cpu_s"] / total_cpu_s
+        lines.append(f"{record['cpu_s']:7.1f} CPU-s ({share:4.1%}) {record['wall_s']:7.1f} s  {record['test']}")
+    return lines
+
+
 def minutes(seconds: float) -> str:
     """1103.4 -> '18 min 23 s'."""
     whole = round(seconds)
@@ -108,6 +121,8 @@ def main() -> None:
         sys.exit(f"error: cannot make a cgroup under {CGROUP_ROOT}: {error} (run as root, or with a delegated cgroup)")
     project, environment = fresh_clone(arguments.workdir)
     environment["CI"] = "true"
+    cpu_log = arguments.workdir / "test_cpu.jsonl"
+    environment["CIFAR10_TEST_CPU_LOG"] = str(cpu_log)
     if arguments.isa_cap:
         environment["ONEDNN_MAX_CPU_ISA"] = arguments.isa_cap
     log = arguments.workdir / "ci.log"
@@ -127,6 +142,8 @@ def main() -> None:
     print(f"\n{cpu_line()}; commit {commit_of(project)}; {cap}; ONEDNN_MAX_CPU_ISA={arguments.isa_cap or 'unset'}")
     print(f".ci/run exited {result.returncode}: {minutes(wall_s)} in all, {cpu_s:,.0f} CPU-seconds")
     print(f"tests: {counts} in {minutes(tests_s)}\nslowest:\n" + "\n".join(table))
+    if cpu_log.exists():
+        print("most CPU (the test's and its processes'):\n" + "\n".join(most_cpu(cpu_log.read_text(), cpu_s)))
     sys.exit(result.returncode)
 
 

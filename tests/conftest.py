@@ -7,6 +7,7 @@ import io
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -114,6 +115,29 @@ def build_cifar10_archive(
     expected["x_train"] = np.concatenate(expected["x_train"])
     expected["y_train"] = np.concatenate(expected["y_train"])
     return expected
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and of the children it has waited for (theirs, and their waited-for children's)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
+    """With CIFAR10_TEST_CPU_LOG set, append a JSON line there per test: its CPU and wall seconds.
+
+    The CPU is the test's own and that of the processes it started and waited for; a session
+    fixture's set-up counts towards the first test that asked for it. bench.ci_time reads the log.
+    """
+    log = os.environ.get("CIFAR10_TEST_CPU_LOG")
+    cpu_before, start = cpu_seconds(), time.monotonic()
+    yield
+    if log:
+        record = {"test": item.nodeid, "cpu_s": round(cpu_seconds() - cpu_before, 2)}
+        record["wall_s"] = round(time.monotonic() - start, 2)
+        with open(log, "a") as output:  # one append per line: workers share the file
+            output.write(json.dumps(record) + "\n")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

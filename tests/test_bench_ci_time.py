@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from bench.ci_time import make_cgroup, minutes, pytest_tail
+from bench.ci_time import make_cgroup, minutes, most_cpu, pytest_tail
 
 CI_LOG = """make setup
 ........................................................................ [ 96%]
@@ -62,3 +62,17 @@ def test_pytests_count_line_and_slowest_tests_are_read_from_the_log():
     assert minutes(seconds) == "17 min 55 s"
     with pytest.raises(ValueError, match="no pytest summary line"):
         pytest_tail(CI_LOG.rsplit("\n", 2)[0])
+
+
+def test_the_tests_with_the_most_cpu_come_first_with_their_share():
+    log = "\n".join(
+        [
+            '{"test": "a", "cpu_s": 10.0, "wall_s": 12.0}',
+            '{"test": "b", "cpu_s": 30.0, "wall_s": 20.0}',
+            '{"test": "c", "cpu_s": 20.0, "wall_s": 40.0}',
+        ]
+    )
+    lines = most_cpu(log + "\n", total_cpu_s=100.0, top=2)
+    assert lines[0] == "all 3 tests: 60 CPU-seconds, 60% of CI's"
+    assert [line.split()[-1] for line in lines[1:]] == ["b", "c"]
+    assert "(30.0%)" in lines[1]

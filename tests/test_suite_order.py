@@ -1,10 +1,15 @@
-"""The suite's own order: tests marked long_running start first, the rest keep their order."""
+"""The suite's own machinery: long-running tests start first, and each test's CPU can be logged."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 
-from tests.conftest import pytest_collection_modifyitems
+from tests.conftest import ROOT, pytest_collection_modifyitems
 
 
 class Item:
@@ -21,3 +26,23 @@ def test_long_running_tests_move_to_the_front_in_their_own_order():
     items = [Item("a"), Item("slow1", "long_running"), Item("b"), Item("c", "other"), Item("slow2", "long_running")]
     pytest_collection_modifyitems(items)
     assert [item.name for item in items] == ["slow1", "slow2", "a", "b", "c"]
+
+
+def test_each_tests_cpu_is_logged_with_that_of_the_processes_it_waited_for(tmp_path):
+    (tmp_path / "test_sample.py").write_text(
+        "import subprocess, sys\n"
+        "def test_idle():\n    pass\n"
+        "def test_busy_child():\n"
+        "    subprocess.run([sys.executable, '-c', 'import time\\nend = time.process_time() + 0.5\\n"
+        "while time.process_time() < end: pass'], check=True)\n"
+    )
+    log = tmp_path / "cpu.jsonl"
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "tests.conftest", "-p", "no:cacheprovider", str(tmp_path)]
+    result = subprocess.run(
+        command, cwd=ROOT, env=os.environ | {"CIFAR10_TEST_CPU_LOG": str(log)}, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    records = {record["test"].rsplit("::", 1)[1]: record for record in map(json.loads, log.read_text().splitlines())}
+    assert set(records) == {"test_idle", "test_busy_child"}
+    assert records["test_busy_child"]["cpu_s"] >= 0.5 > records["test_idle"]["cpu_s"]
+    assert records["test_busy_child"]["wall_s"] >= 0.5
