@@ -130,14 +130,21 @@ def main() -> None:
     cpu_before, start = group.cpu_seconds(), time.perf_counter()
     try:
         with open(log, "w") as output:
-            command = ["bash", ".ci/run"]
             result = subprocess.run(
-                command, cwd=project, env=environment, stdout=output, stderr=subprocess.STDOUT, preexec_fn=group.join
+                ["bash", ".ci/run"],
+                cwd=project,
+                env=environment,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                preexec_fn=group.join,
             )
         wall_s, cpu_s = time.perf_counter() - start, group.cpu_seconds() - cpu_before
     finally:
         group.remove()
-    counts, tests_s, table = pytest_tail(log.read_text())
+    try:
+        counts, tests_s, table = pytest_tail(log.read_text())
+    except ValueError as error:
+        sys.exit(f"error: .ci/run exited {result.returncode} after {minutes(wall_s)}; {error} See {log}")
     cap = f"{arguments.cpus:g} cores of CPU time" if arguments.cpus else "no CPU cap"
     print(f"\n{cpu_line()}; commit {commit_of(project)}; {cap}; ONEDNN_MAX_CPU_ISA={arguments.isa_cap or 'unset'}")
     print(f".ci/run exited {result.returncode}: {minutes(wall_s)} in all, {cpu_s:,.0f} CPU-seconds")
