@@ -127,8 +127,9 @@ def cpu_seconds() -> float:
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
     """With CIFAR10_TEST_CPU_LOG set, append a JSON line there per test: its CPU and wall seconds.
 
-    The CPU is the test's own and that of the processes it started and waited for; a session
-    fixture's set-up counts towards the first test that asked for it. bench.ci_time reads the log.
+    The CPU is the test's own and that of the processes it started and waited for. A process
+    counts when it is reaped: a session fixture's (the shared Prefect server, its whole life)
+    towards the first test that asked for it and the worker's last test. bench.ci_time reads the log.
     """
     log = os.environ.get("CIFAR10_TEST_CPU_LOG")
     cpu_before, start = cpu_seconds(), time.monotonic()
