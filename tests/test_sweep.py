@@ -144,7 +144,8 @@ def test_three_candidates_on_two_workers_one_diverges_the_best_is_applied(sweep_
     # The same sweep again, from the committed state: every finished candidate is reused.
     run_command(["git", "checkout", "--", "."], project)
     run_command([*DVC, "checkout", "--force"], project)
-    # One worker is enough from here on: nothing trains, and each worker is a process to start.
+    # One worker is enough from here on (only the diverging candidate trains again), and each
+    # worker is a process to start.
     one_worker = [sys.executable, "-m", "flows.sweep", "--workers", "1"]
     again = run_command([*one_worker, *sets, *urls], project)
     assert again.stderr.count("reused: trained nothing") + again.stdout.count("reused: trained nothing") == 2
