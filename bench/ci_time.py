@@ -115,10 +115,6 @@ def main() -> None:
     arguments = parser.parse_args()
     if arguments.cpus is not None and arguments.cpus <= 0:
         parser.error(f"--cpus {arguments.cpus}: expected a positive number of cores")
-    try:
-        group = make_cgroup(CGROUP_ROOT, f"cifar10-ci-{os.getpid()}", arguments.cpus)
-    except OSError as error:
-        sys.exit(f"error: cannot make a cgroup under {CGROUP_ROOT}: {error} (run as root, or with a delegated cgroup)")
     project, environment = fresh_clone(arguments.workdir)
     environment["CI"] = "true"
     cpu_log = arguments.workdir / "test_cpu.jsonl"
@@ -126,6 +122,10 @@ def main() -> None:
     if arguments.isa_cap:
         environment["ONEDNN_MAX_CPU_ISA"] = arguments.isa_cap
     log = arguments.workdir / "ci.log"
+    try:
+        group = make_cgroup(CGROUP_ROOT, f"cifar10-ci-{os.getpid()}", arguments.cpus)
+    except OSError as error:
+        sys.exit(f"error: cannot make a cgroup under {CGROUP_ROOT}: {error} (run as root, or with a delegated cgroup)")
     print(f"[ci_time] .ci/run in {project}; its output in {log}", file=sys.stderr, flush=True)
     cpu_before, start = group.cpu_seconds(), time.perf_counter()
     try:
