@@ -85,7 +85,8 @@ def pytest_tail(log: str, slowest: int = 10) -> tuple[str, float, list[str]]:
     if not summaries:
         raise ValueError("the CI log has no pytest summary line: did the tests run?")
     counts, seconds = summaries[-1]
-    table = _DURATIONS.split(log, 1)[1].splitlines()[1:] if _DURATIONS.search(log) else []
+    _, *after = _DURATIONS.split(log, 1)
+    table = after[0].splitlines()[1:] if after else []
     return counts, float(seconds), [line for line in table if re.match(r"^[\d.]+s ", line)][:slowest]
 
 

@@ -132,13 +132,15 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
     towards the first test that asked for it and the worker's last test. bench.ci_time reads the log.
     """
     log = os.environ.get("CIFAR10_TEST_CPU_LOG")
+    if not log:
+        yield
+        return
     cpu_before, start = cpu_seconds(), time.monotonic()
     yield
-    if log:
-        record = {"test": item.nodeid, "cpu_s": round(cpu_seconds() - cpu_before, 2)}
-        record["wall_s"] = round(time.monotonic() - start, 2)
-        with open(log, "a") as output:  # one append per line: workers share the file
-            output.write(json.dumps(record) + "\n")
+    record = {"test": item.nodeid, "cpu_s": round(cpu_seconds() - cpu_before, 2)}
+    record["wall_s"] = round(time.monotonic() - start, 2)
+    with open(log, "a") as output:  # one append per line: workers share the file
+        output.write(json.dumps(record) + "\n")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
