@@ -94,6 +94,25 @@ def test_native_mode_under_the_shells_isa_cap_runs_the_capped_kernels_on_every_c
     assert isa == "Intel AVX2" and not wide_kernels(kernels), (isa, kernels)
 
 
+def test_keras_on_tensorflow_loads_without_jax_and_jax_imports_afterwards():
+    # The JAX backend's side (Keras imports jax while it loads) is test_train's resumed run on JAX.
+    script = (
+        "from tasks.lib.numerics import keep_jax_out_of_tensorflow\n"
+        "keep_jax_out_of_tensorflow()\n"
+        "import sys, keras\n"
+        "loaded_with_keras = 'jax' in sys.modules\n"
+        "import jax.numpy\n"
+        "print(keras.backend.backend(), loaded_with_keras, float(jax.numpy.ones(3).sum()))\n"
+    )
+    environment = {key: value for key, value in os.environ.items() if key != "KERAS_BACKEND"}
+    environment |= {"TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=environment, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["tensorflow", "False", "3.0"], result.stdout
+
+
 def test_native_mode_keeps_the_shells_onednn_settings_and_portable_overrides_them(monkeypatch):
     from tasks.lib.numerics import apply_numerics
 
@@ -141,10 +160,15 @@ def train_in(
 TWO_THREADS = {"TF_NUM_INTRAOP_THREADS": "2"}
 
 
-def test_native_mode_on_portables_kernels_and_threads_trains_portables_numbers(split_params, tmp_path):
+def portable_history(reproduced) -> pd.DataFrame:
+    """The history of the shared reproduced project: its params are split_params' in portable mode."""
+    return pd.read_csv(reproduced[0] / "artifacts/training/history.csv")
+
+
+def test_native_mode_on_portables_kernels_and_threads_trains_portables_numbers(split_params, tmp_path, reproduced):
     # What both modes do on a CPU without AVX-512, forced on any CPU: the same kernels on the
     # same threads, so the same numbers to the last bit; the mode adds nothing else.
-    portable = train_in("portable", split_params, tmp_path)
+    portable = portable_history(reproduced)
     capped = TWO_THREADS | {"ONEDNN_MAX_CPU_ISA": "AVX2"}
     native = train_in("native", split_params, tmp_path, precision="float32", shell=capped)
     assert len(portable) == len(native) == 2
@@ -152,8 +176,8 @@ def test_native_mode_on_portables_kernels_and_threads_trains_portables_numbers(s
 
 
 @needs_avx512
-def test_avx512_kernels_train_other_numbers_than_portable_mode(split_params, tmp_path):
-    portable = train_in("portable", split_params, tmp_path)
+def test_avx512_kernels_train_other_numbers_than_portable_mode(split_params, tmp_path, reproduced):
+    portable = portable_history(reproduced)
     native = train_in("native", split_params, tmp_path, precision="float32", shell=TWO_THREADS)
     assert len(portable) == len(native) == 2
     # AVX-512 kernels add in another order than AVX2 ones: the losses part.

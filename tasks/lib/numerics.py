@@ -10,7 +10,9 @@ Portable mode hides GPUs: their kernels add in yet other orders.
 
 from __future__ import annotations
 
+import importlib.abc
 import os
+import sys
 from pathlib import Path
 
 from tasks.lib.params import NumericsParams, ParamsError
@@ -117,8 +119,36 @@ def keep_graph_arithmetic() -> None:
         tf.config.optimizer.set_experimental_options({"arithmetic_optimization": False})
 
 
+def _initialising(package: str) -> bool:
+    """Whether `package` is being imported right now (its __init__ has started and not ended)."""
+    module = sys.modules.get(package)
+    return module is not None and getattr(module.__spec__, "_initializing", False)
+
+
+class _NoJaxForTensorFlow(importlib.abc.MetaPathFinder):
+    """Refuse `import jax` while TensorFlow or Keras initialise, unless Keras is to compute on JAX."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "jax" or not (_initialising("tensorflow") or _initialising("keras")):
+            return None
+        keras_config = sys.modules.get("keras.src.backend.config")  # set up before Keras imports its backend
+        if keras_config is not None and keras_config.backend() == "jax":
+            return None
+        raise ModuleNotFoundError("jax is not imported while TensorFlow or Keras initialise", name=name)
+
+
+def keep_jax_out_of_tensorflow() -> None:
+    """Let TensorFlow and Keras on TensorFlow load without JAX, though it is installed: neither uses it then."""
+    # Both import jax if they can, and do without it otherwise: TFLite's converter (for JAX
+    # functions) and Keras' Orbax checkpoint callback, neither of which a stage uses. With the dev
+    # extra, jax is installed: 0.5 s of CPU in every process that imports Keras on TensorFlow.
+    if not any(isinstance(finder, _NoJaxForTensorFlow) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _NoJaxForTensorFlow())
+
+
 def apply_numerics(numerics: NumericsParams) -> None:
     """Set `numerics_environment` in this process; call it before TensorFlow is first imported."""
+    keep_jax_out_of_tensorflow()
     # Portable mode overrides whatever the shell set: its point is that nothing local leaks in.
     # Native mode keeps the shell's own oneDNN settings, which environment.json records.
     for key, value in numerics_environment(numerics).items():
