@@ -291,6 +291,34 @@ def project(tmp_path, reproduced) -> Path:
     return copy
 
 
+@pytest.fixture(scope="session")
+def retrained(tmp_path_factory, reproduced) -> tuple[Path, dict, str]:
+    """The reproduced project after `train.epochs` 2 -> 3 and `dvc repro`, uncommitted: built once for all workers.
+
+    (project, `dvc status --json` before the rerun, the rerun's output): one run for the tests
+    that each made this very change and rerun.
+    """
+
+    def build(folder: Path) -> None:
+        project = folder / "project"
+        shutil.copytree(reproduced[0], project, symlinks=True)
+        edit_params(project, "train", epochs=3)
+        (folder / "status.json").write_text(run_command([*DVC, "status", "--json"], project).stdout)
+        (folder / "repro.log").write_text(run_command([*DVC, "repro"], project).stdout)
+
+    folder = built_once(tmp_path_factory, "retrained", build)
+    status = json.loads((folder / "status.json").read_text())
+    return folder / "project", status, (folder / "repro.log").read_text()
+
+
+@pytest.fixture
+def retrained_project(tmp_path, retrained) -> Path:
+    """A private copy of the retrained project for a test to change."""
+    copy = tmp_path / "retrained"
+    shutil.copytree(retrained[0], copy, symlinks=True)
+    return copy
+
+
 def edit_params(project: Path, section: str, **changes) -> None:
     """Change keys of one params.yaml section in a project."""
     path = project / "params.yaml"

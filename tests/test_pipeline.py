@@ -40,12 +40,10 @@ def test_second_repro_runs_nothing_and_status_is_clean(project):
     assert "up to date" in run_command([*DVC, "status"], project).stdout
 
 
-def test_train_param_change_reruns_train_and_below_only(project):
-    edit_params(project, "train", epochs=3)
-    status = json.loads(run_command([*DVC, "status", "--json"], project).stdout)
+def test_train_param_change_reruns_train_and_below_only(retrained, retrained_project):
+    project, status, output = retrained_project, *retrained[1:]  # train.epochs 2 -> 3, then `dvc repro`
     assert sorted(status) == ["train"]  # downstream stages go stale only once train reruns
-    result = run_command([*DVC, "repro"], project)
-    assert ran_stages(result.stdout) == ["train", "select_best", "evaluate"]
+    assert ran_stages(output) == ["train", "select_best", "evaluate"]
     params_diff = json.loads(run_command([*DVC, "params", "diff", "--json"], project).stdout)
     assert params_diff["params.yaml"]["train.epochs"] == {"old": 2, "new": 3, "diff": 1}
     metrics_diff = json.loads(run_command([*DVC, "metrics", "diff", "--json", "--all"], project).stdout)
@@ -128,9 +126,9 @@ def test_label_out_of_range_fails_closed(project):
     assert_fails_closed(project, r"cifar\.tar\.gz:data_batch_1\.bin: labels \[12\] are out of range 0\.\.9")
 
 
-def test_params_a_b_a_restores_training_from_the_run_cache(project):
-    edit_params(project, "train", epochs=3)
-    assert ran_stages(run_command([*DVC, "repro"], project).stdout) == ["train", "select_best", "evaluate"]
+def test_params_a_b_a_restores_training_from_the_run_cache(retrained, retrained_project):
+    project = retrained_project  # train.epochs 2 -> 3, then `dvc repro`
+    assert ran_stages(retrained[2]) == ["train", "select_best", "evaluate"]
     edit_params(project, "train", epochs=2)  # back to the committed params
     result = run_command([*DVC, "repro"], project)
     assert ran_stages(result.stdout) == []  # nothing retrained, nothing re-evaluated

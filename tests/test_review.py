@@ -24,16 +24,22 @@ def change_run_commit_and_report(project, section: str, **changes) -> str:
     """Change params, `dvc repro`, commit, and return the report of HEAD against HEAD~1."""
     edit_params(project, section, **changes)
     run_command([*DVC, "repro"], project)
+    return commit_and_report(project, f"{section}: {changes}")
+
+
+def commit_and_report(project, message: str) -> str:
+    """Commit the workspace as it is, and return the report of HEAD against HEAD~1."""
     run_command(["git", "add", "-A"], project)
-    run_command(["git", "-c", "user.name=t", "-c", "user.email=t@e", "commit", "-qm", f"{section}: {changes}"], project)
+    run_command(["git", "-c", "user.name=t", "-c", "user.email=t@e", "commit", "-qm", message], project)
     run_command(
         [sys.executable, "-m", "review.report", "--base", "HEAD~1", "--rev", "HEAD", "--out", "report"], project
     )
     return (project / "report" / "report.md").read_text()
 
 
-def test_report_shows_param_metrics_plots_and_reruns(project):
-    report = change_run_commit_and_report(project, "train", epochs=3)
+def test_report_shows_param_metrics_plots_and_reruns(retrained_project):
+    project = retrained_project  # train.epochs 2 -> 3, then `dvc repro`
+    report = commit_and_report(project, "train: epochs 3")
     # Test accuracy's paired significance, computed here from the two committed prediction files.
     old, new = (
         pd.read_csv(io.StringIO(run_command(["git", "show", f"{rev}:{PREDICTIONS}"], project).stdout))

@@ -172,6 +172,7 @@ def test_experiments_queued_the_plain_dvc_way_are_ranked_by_the_same_rule(sweep_
         lambda: "Success" in (status := queue_status(project)) and "Queued" not in status and "Running" not in status,
         600,
         "the queue to finish",
+        interval_s=3,  # each `dvc queue status` is a DVC process: most of a CPU-second
     )
     figures = {
         name: data["metrics"]["artifacts/metrics/metrics.json"]["data"]["validation"]["loss"]
