@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import io
 import json
@@ -128,8 +129,8 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
     """With CIFAR10_TEST_CPU_LOG set, append a JSON line there per test: its CPU and wall seconds.
 
     The CPU is the test's own and that of the processes it started and waited for. A process
-    counts when it is reaped: a session fixture's (the shared Prefect server, its whole life)
-    towards the first test that asked for it and the worker's last test. bench.ci_time reads the log.
+    counts when it is reaped: the shared Prefect server, which the run stops after its last
+    test, towards none. bench.ci_time reads the log.
     """
     log = os.environ.get("CIFAR10_TEST_CPU_LOG")
     if not log:
@@ -252,11 +253,15 @@ def pristine(tmp_path_factory, image_folder) -> Path:
     return create_project(tmp_path_factory.mktemp("pristine") / "project", image_folder)
 
 
+def run_folder(tmp_path_factory) -> Path:
+    """The test run's temporary folder: above each pytest-xdist worker's own, where the workers share things."""
+    basetemp = tmp_path_factory.getbasetemp()
+    return basetemp.parent if os.environ.get("PYTEST_XDIST_WORKER") else basetemp
+
+
 def built_once(tmp_path_factory, name: str, build) -> Path:
     """`build(folder)` once per test run, shared by every pytest-xdist worker: the first builds, the rest wait."""
-    shared = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        shared = shared.parent  # the run's folder, above each worker's own
+    shared = run_folder(tmp_path_factory)
     folder, done = shared / name, shared / f"{name}.done"
     with open(shared / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -425,22 +430,73 @@ def start_prefect_server(home: Path, port: int) -> subprocess.Popen:
     return server
 
 
+PREFECT_SERVER = "prefect-server"  # its folder in the run's: SQLite database, home, and server.json
+_started_servers: list[subprocess.Popen] = []  # referenced, so no garbage collection warns about a live child
+
+
 @pytest.fixture(scope="session")
 def prefect_api(tmp_path_factory):
-    """One real Prefect server (SQLite, 127.0.0.1) that the session's flow runs report to.
+    """One real Prefect server (SQLite, 127.0.0.1) that the run's flow runs report to, shared by every worker.
 
-    Without it every flow run starts Prefect's temporary server (~15 s on 2 cores). The
-    server is stopped, and checked gone, at the end of the session.
+    Without it every flow run starts Prefect's temporary server (~15 s on 2 cores); one server per
+    pytest-xdist worker cost each its start-up and idle loops, about 30 CPU-seconds a CI run. The
+    first worker to ask starts it; pytest_sessionfinish stops it, and checks it gone, once all are done.
     """
-    port = free_port()
-    server = start_prefect_server(tmp_path_factory.mktemp("prefect-server"), port)
-    api_url = f"http://127.0.0.1:{port}/api"
+
+    def start(folder: Path) -> None:
+        folder.mkdir()
+        port = free_port()
+        _started_servers.append(start_prefect_server(folder, port))
+        record = {"pid": _started_servers[-1].pid, "api_url": f"http://127.0.0.1:{port}/api"}
+        (folder / "server.json").write_text(json.dumps(record))
+
+    api_url = json.loads((built_once(tmp_path_factory, PREFECT_SERVER, start) / "server.json").read_text())["api_url"]
+    os.environ["PREFECT_API_URL"] = api_url  # inherited by every subprocess the tests start
     try:
-        os.environ["PREFECT_API_URL"] = api_url  # inherited by every subprocess the tests start
         yield api_url
     finally:
         os.environ.pop("PREFECT_API_URL", None)
-        stop_process(server)
+
+
+def group_states(group: int) -> dict[int, str]:
+    """{pid: state letter} of the processes of process group `group`, from /proc ("Z": a zombie)."""
+    states = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _, process_group = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, ValueError):
+            continue  # gone meanwhile
+        if int(process_group) == group:
+            states[int(stat.parent.name)] = state
+    return states
+
+
+def group_running(group: int) -> bool:
+    """Whether a process of process group `group` still runs (a zombie, only waiting to be reaped, does not)."""
+    return any(state != "Z" for state in group_states(group).values())
+
+
+def stop_process_group(group: int, timeout_s: float = 30) -> None:
+    """SIGTERM a process group (its leader need not be our child), SIGKILL it if it lingers; raise if it stays."""
+    for signal_number, wait_s in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 10)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, signal_number)
+        deadline = time.monotonic() + wait_s
+        while group_running(group) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if not group_running(group):
+            return
+    raise RuntimeError(f"process group {group} still runs after SIGKILL")
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """On the run's main process, after every worker is done: stop the shared Prefect server if one was started."""
+    if hasattr(session.config, "workerinput"):  # a pytest-xdist worker: others may still need the server
+        return
+    # The tmp_path_factory of the main process (pytest-xdist reads it too, to place the workers' folders).
+    record = run_folder(session.config._tmp_path_factory) / PREFECT_SERVER / "server.json"
+    if record.exists():
+        stop_process_group(json.loads(record.read_text())["pid"])
 
 
 def track_zip_source(project: Path) -> bytes:

@@ -16,7 +16,9 @@ import pytest
 from tests.conftest import DVC, edit_params, project_environment, run_command, stop_process, wait_until
 
 CRON = "0 3 * * *"
-DEPLOYMENT = "cifar10-pipeline/nightly"
+# The run's pytest-xdist workers share one Prefect server (tests/conftest.py): a deployment name each.
+NAME = f"nightly-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}"
+DEPLOYMENT = f"cifar10-pipeline/{NAME}"
 
 
 def start_serving(project, environment: dict | None = None) -> subprocess.Popen:
@@ -24,7 +26,7 @@ def start_serving(project, environment: dict | None = None) -> subprocess.Popen:
     # Its output goes to a log beside the project, to read when a test fails.
     with open(project.parent / "schedule.log", "a") as log:
         return subprocess.Popen(
-            [sys.executable, "-m", "flows.schedule", "--cron", CRON],
+            [sys.executable, "-m", "flows.schedule", "--cron", CRON, "--name", NAME],
             cwd=project,
             env=(environment or project_environment(project.parent)) | {"PREFECT_RUNNER_POLL_FREQUENCY": "2"},
             stdout=log,
@@ -77,7 +79,7 @@ def test_scheduled_deployment_runs_one_at_a_time_and_publishes_artifacts(served)
         edit_params(project, "train", epochs=3)
         (first,) = _trigger_and_wait(client, deployment.id, 1)
         assert first.state.is_completed(), first.state
-        latest = _latest_artifacts(client, "cifar10-pipeline-run", 1)[0]
+        latest = _run_artifact(client, first, "cifar10-pipeline-run")
         assert "ran train, select_best, evaluate" in latest.data and "train.epochs" in latest.data
         assert "up to date" in run_command([*DVC, "status"], project).stdout
 
@@ -85,10 +87,10 @@ def test_scheduled_deployment_runs_one_at_a_time_and_publishes_artifacts(served)
         assert all(run.state.is_completed() for run in both), [run.state for run in both]
         earlier, later = sorted(both, key=lambda run: run.start_time)
         assert earlier.end_time <= later.start_time  # never overlapping
-        summaries = _latest_artifacts(client, "cifar10-pipeline-run", 2)
+        summaries = [_run_artifact(client, run, "cifar10-pipeline-run") for run in both]
         assert all("up to date, no stage ran" in artifact.data for artifact in summaries)
         metrics = json.loads((project / "artifacts/metrics/metrics.json").read_text())
-        table = _latest_artifacts(client, "cifar10-pipeline-metrics", 1)[0]
+        table = _run_artifact(client, later, "cifar10-pipeline-metrics")
         data = json.loads(table.data) if isinstance(table.data, str) else table.data
         rows = {row["metric"]: row["value"] for row in data}
         assert rows["test accuracy"] == metrics["test"]["accuracy"]
@@ -99,21 +101,21 @@ def test_scheduled_deployment_runs_one_at_a_time_and_publishes_artifacts(served)
         edit_params(project, "ingest", source="broken.zip")
         (failed,) = _trigger_and_wait(client, deployment.id, 1)
         assert failed.state.is_failed(), failed.state
-        summary = _latest_artifacts(client, "cifar10-pipeline-run", 1)[0]
+        summary = _run_artifact(client, failed, "cifar10-pipeline-run")
         assert "failed at ingest" in summary.data and "broken.zip: not a readable zip archive" in summary.data
 
 
-def _latest_artifacts(client, key: str, count: int = 1) -> list:
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-    from prefect.client.schemas.sorting import ArtifactSort
+def _run_artifact(client, run, key: str):
+    """The artifact `run` published under `key` (the server's other flow runs publish under the same keys)."""
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
-    return client.read_artifacts(
-        artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])), sort=ArtifactSort.CREATED_DESC, limit=count
-    )
+    wanted = ArtifactFilter(key=ArtifactFilterKey(any_=[key]), flow_run_id=ArtifactFilterFlowRunId(any_=[run.id]))
+    (artifact,) = client.read_artifacts(artifact_filter=wanted)
+    return artifact
 
 
 def _deployment(client, project):
-    """The deployment once `project`'s scheduler has registered it (tests share one server and name)."""
+    """The deployment once `project`'s scheduler has registered it (a worker's tests share one name)."""
     from prefect.exceptions import ObjectNotFound
 
     try:
