@@ -141,7 +141,7 @@ def keep_jax_out_of_tensorflow() -> None:
     """Let TensorFlow and Keras on TensorFlow load without JAX, though it is installed: neither uses it then."""
     # Both import jax if they can, and do without it otherwise: TFLite's converter (for JAX
     # functions) and Keras' Orbax checkpoint callback, neither of which a stage uses. With the dev
-    # extra, jax is installed: 0.5 s of CPU in every process that imports Keras on TensorFlow.
+    # extra, jax is installed: 0.4-0.5 s of CPU in every process that imports Keras on TensorFlow.
     if not any(isinstance(finder, _NoJaxForTensorFlow) for finder in sys.meta_path):
         sys.meta_path.insert(0, _NoJaxForTensorFlow())
 
