@@ -516,6 +516,11 @@ def track_zip_source(project: Path) -> bytes:
     return payload
 
 
+def cache_object(project: Path, md5: str) -> Path:
+    """Where the project's DVC cache (the default, .dvc/cache) keeps the object with this md5."""
+    return project / ".dvc/cache/files/md5" / md5[:2] / md5[2:]
+
+
 def flip_a_byte(path: Path) -> None:
     """Corrupt one byte in the middle of a file (replacing it, never writing through a cache link)."""
     payload = bytearray(path.read_bytes())

@@ -20,7 +20,16 @@ import pytest
 import yaml
 
 from tasks.lib.io import copy_verified, sha256_file
-from tests.conftest import DVC, FLOW, edit_params, project_environment, ran_stages, run_command, wait_until
+from tests.conftest import (
+    DVC,
+    FLOW,
+    cache_object,
+    edit_params,
+    project_environment,
+    ran_stages,
+    run_command,
+    wait_until,
+)
 
 # Loaded by every Python process of the stage (as sitecustomize.py); each fault is chosen by
 # environment variables and lands at one exact point, so no test depends on timing:
@@ -473,9 +482,7 @@ def test_tampered_model_is_refused_before_loading(project):
 
 def test_tampered_cache_object_is_refused_after_checkout(project):
     model = project / "artifacts/model/model.keras"
-    cache = run_command([*DVC, "cache", "dir"], project).stdout.strip()
-    md5 = hashlib.md5(model.read_bytes()).hexdigest()
-    cached = Path(cache) / "files" / "md5" / md5[:2] / md5[2:]
+    cached = cache_object(project, hashlib.md5(model.read_bytes()).hexdigest())
     cached.chmod(0o644)
     payload = bytearray(cached.read_bytes())
     payload[-100] ^= 0xFF

@@ -19,6 +19,7 @@ from tests.conftest import (
     FLOW,
     ROOT,
     build_cifar10_archive,
+    cache_object,
     edit_params,
     flip_a_byte,
     project_environment,
@@ -184,7 +185,7 @@ def test_missing_source_is_pulled_through_its_dvc_pointer_from_the_remote(projec
     expected = (project / "images.zip").read_bytes()
     (project / "images.zip").unlink()
     md5 = yaml.safe_load((project / "images.zip.dvc").read_text())["outs"][0]["md5"]
-    (project / ".dvc/cache/files/md5" / md5[:2] / md5[2:]).unlink()  # only the remote has it now
+    cache_object(project, md5).unlink()  # only the remote has it now
     edit_params(project, "ingest", source="images.zip")
     result = run_command(FLOW, project)
     assert "pulling images.zip.dvc with DVC" in result.stdout + result.stderr

@@ -6,11 +6,17 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
-from tests.conftest import ROOT, group_running, group_states, pytest_collection_modifyitems, stop_process_group
+from tests.conftest import (
+    ROOT,
+    group_running,
+    group_states,
+    pytest_collection_modifyitems,
+    stop_process_group,
+    wait_until,
+)
 
 
 class Item:
@@ -52,17 +58,7 @@ def test_each_tests_cpu_is_logged_with_that_of_the_processes_it_waited_for(tmp_p
 def test_a_process_group_whose_leader_is_no_child_of_ours_is_stopped_whole():
     # How the run stops the workers' shared Prefect server: the worker that started it may be gone.
     shell = subprocess.Popen(["sh", "-c", "sleep 60 & sleep 60"], start_new_session=True)  # a grandchild, too
-    assert wait_for(lambda: len(group_states(shell.pid)) == 3), group_states(shell.pid)
+    wait_until(lambda: len(group_states(shell.pid)) == 3, 10, "the shell and its two sleeps", interval_s=0.05)
     stop_process_group(shell.pid)
     assert not group_running(shell.pid)  # the leader may stay a zombie until its parent (here, this test) reaps it
     assert shell.wait(timeout=10) == -15
-
-
-def wait_for(predicate, timeout_s: float = 10) -> bool:
-    """Poll `predicate` until it holds (True) or `timeout_s` passes (False)."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
