@@ -316,6 +316,33 @@ def retrained(tmp_path_factory, reproduced) -> tuple[Path, dict, str]:
     return folder / "project", status, (folder / "repro.log").read_text()
 
 
+# A model far worse than the committed tiny recipe's: the challenger the promotion gate must refuse.
+WEAK_TRAINING = {"learning_rate": 1e-7, "epochs": 1}
+
+
+@pytest.fixture(scope="session")
+def weak_run_cache(tmp_path_factory, reproduced) -> Path:
+    """A DVC cache with the reproduced project's runs and its rerun at WEAK_TRAINING: built once for all workers."""
+
+    def build(folder: Path) -> None:
+        project = folder / "project"
+        shutil.copytree(reproduced[0], project, symlinks=True)
+        edit_params(project, "train", **WEAK_TRAINING)
+        run_command([*DVC, "repro"], project)
+
+    return built_once(tmp_path_factory, "weak-run", build) / "project/.dvc/cache"
+
+
+def seed_run_cache(project: Path, cache: Path) -> None:
+    """Add a DVC cache's objects and run-cache entries to the project's, so that its `dvc repro` restores those runs."""
+
+    def copy_if_absent(source: str, destination: str) -> None:
+        if not os.path.exists(destination):  # objects the project has are the same bytes, and read-only
+            shutil.copy2(source, destination)
+
+    shutil.copytree(cache, project / ".dvc/cache", dirs_exist_ok=True, copy_function=copy_if_absent)
+
+
 @pytest.fixture
 def retrained_project(tmp_path, retrained) -> Path:
     """A private copy of the retrained project for a test to change."""

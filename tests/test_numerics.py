@@ -94,23 +94,24 @@ def test_native_mode_under_the_shells_isa_cap_runs_the_capped_kernels_on_every_c
     assert isa == "Intel AVX2" and not wide_kernels(kernels), (isa, kernels)
 
 
-def test_keras_on_tensorflow_loads_without_jax_and_jax_imports_afterwards():
+def test_keras_on_tensorflow_loads_without_its_optional_imports_and_each_imports_afterwards():
     # The JAX backend's side (Keras imports jax while it loads) is test_train's resumed run on JAX.
     script = (
-        "from tasks.lib.numerics import keep_jax_out_of_tensorflow\n"
-        "keep_jax_out_of_tensorflow()\n"
+        "from tasks.lib.numerics import keep_optional_imports_out_of_keras\n"
+        "keep_optional_imports_out_of_keras()\n"
         "import sys, keras\n"
-        "loaded_with_keras = 'jax' in sys.modules\n"
-        "import jax.numpy\n"
-        "print(keras.backend.backend(), loaded_with_keras, float(jax.numpy.ones(3).sum()))\n"
+        "loaded_with_keras = [name for name in ('jax', 'matplotlib', 'pandas', 'scipy') if name in sys.modules]\n"
+        "import jax.numpy, matplotlib.pyplot, pandas, scipy.special\n"
+        "print(keras.backend.backend(), loaded_with_keras, float(jax.numpy.ones(3).sum()),\n"
+        "      float(pandas.Series([1.0, 2.0]).sum()), float(scipy.special.chdtrc(2, 0.0)), matplotlib.get_backend())\n"
     )
     environment = {key: value for key, value in os.environ.items() if key != "KERAS_BACKEND"}
-    environment |= {"TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    environment |= {"TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "MPLBACKEND": "agg"}
     result = subprocess.run(
         [sys.executable, "-c", script], env=environment, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.split() == ["tensorflow", "False", "3.0"], result.stdout
+    assert result.stdout.split() == ["tensorflow", "[]", "3.0", "3.0", "1.0", "agg"], result.stdout
 
 
 def test_native_mode_keeps_the_shells_onednn_settings_and_portable_overrides_them(monkeypatch):

@@ -16,7 +16,7 @@ import pytest
 
 from tasks.lib.params import PromoteParams
 from tasks.promote import ARTIFACT, compare, decide, mcnemar_one_sided, required_gain
-from tests.conftest import DVC, edit_params, git, run_command, shared_remote, wait_until
+from tests.conftest import DVC, WEAK_TRAINING, edit_params, git, run_command, seed_run_cache, shared_remote, wait_until
 from tests.test_faults import environment_with_fault, run_killed
 
 GTO = [str(Path(sys.executable).with_name("gto"))]
@@ -120,11 +120,15 @@ def registry_refs(repository: Path) -> list[str]:
 
 
 @pytest.mark.long_running
-def test_weak_model_then_strong_one_promoted_then_weak_one_refused_then_rolled_back(registry_project, tmp_path):
+def test_weak_model_then_strong_one_promoted_then_weak_one_refused_then_rolled_back(
+    registry_project, weak_run_cache, tmp_path
+):
     project, bare = registry_project, tmp_path / "shared.git"
     head, branch = git(project, "rev-parse", "HEAD"), git(project, "branch", "--show-current")
     # A model that has barely moved from its random start: the first champion, as nothing is in prod.
-    retrain(project, learning_rate=1e-7, epochs=1)
+    # Its run comes from DVC's run cache, seeded once for the tests that promote or serve it.
+    seed_run_cache(project, weak_run_cache)
+    retrain(project, **WEAK_TRAINING)
     first = promote(project)
     assert first["decision"] == "promote" and first["champion"] is None
     assert prod(project)["version"] == first["version"] == "v0.1.0"
@@ -149,7 +153,7 @@ def test_weak_model_then_strong_one_promoted_then_weak_one_refused_then_rolled_b
         ]
     )
     # The weak model again: refused, with its McNemar numbers; prod stays.
-    retrain(project, learning_rate=1e-7, epochs=1)
+    retrain(project, **WEAK_TRAINING)
     result = run_command(PROMOTE, project)
     third = decision(project)
     assert third["decision"] == "keep champion" and third["version"] is None
@@ -179,7 +183,9 @@ def test_weak_model_then_strong_one_promoted_then_weak_one_refused_then_rolled_b
     assert hashlib.sha256(out.read_bytes()).hexdigest() == first["challenger"]["sha256"]
 
 
-def test_a_second_clone_sees_the_same_prod_and_its_weaker_challenger_is_refused(registry_project, tmp_path):
+def test_a_second_clone_sees_the_same_prod_and_its_weaker_challenger_is_refused(
+    registry_project, weak_run_cache, tmp_path
+):
     project, bare = registry_project, tmp_path / "shared.git"
     promote(project)  # the tiny recipe: v0.1.0 from clone A
     colleague = tmp_path / "colleague"
@@ -193,7 +199,8 @@ def test_a_second_clone_sees_the_same_prod_and_its_weaker_challenger_is_refused(
     run_command([*PREDICT, "source/test", "--model", "prod", "--out", "a.csv"], project)
     assert (colleague / "b.csv").read_bytes() == (project / "a.csv").read_bytes()
     # Clone B trains a weaker model and tries to promote it: compared with A's champion, refused.
-    retrain(colleague, learning_rate=1e-7, epochs=1)
+    seed_run_cache(colleague, weak_run_cache)
+    retrain(colleague, **WEAK_TRAINING)
     refused = promote(colleague)
     assert refused["decision"] == "keep champion" and refused["champion"]["version"] == "v0.1.0", refused
     assert registry_refs(bare) == registry_refs(project)  # nothing new in the registry
@@ -281,7 +288,9 @@ def test_two_promotions_at_once_one_refuses_and_changes_nothing(registry_project
     assert prod(project)["version"] == decision(project)["version"] == "v0.1.0"
 
 
-def test_flow_with_promote_registers_the_first_champion_then_refuses_identical_and_worse(registry_project, prefect_api):
+def test_flow_with_promote_registers_the_first_champion_then_refuses_identical_and_worse(
+    registry_project, weak_run_cache, prefect_api
+):
     project = registry_project
     head = git(project, "rev-parse", "HEAD")
     result = run_command([sys.executable, "-m", "flows.pipeline", "--promote"], project)
@@ -296,7 +305,8 @@ def test_flow_with_promote_registers_the_first_champion_then_refuses_identical_a
     run_command([sys.executable, "-m", "flows.pipeline", "--promote"], project)
     assert decision(project)["decision"] == "keep champion"
     assert decision(project)["comparison"]["champion_only"] == decision(project)["comparison"]["challenger_only"] == 0
-    edit_params(project, "train", learning_rate=1e-7, epochs=1)
+    seed_run_cache(project, weak_run_cache)
+    edit_params(project, "train", **WEAK_TRAINING)
     run_command([sys.executable, "-m", "flows.pipeline", "--promote"], project)
     assert decision(project)["decision"] == "keep champion" and "worse" in decision(project)["reason"]
     assert registry_refs(project) == registry_refs(project.parent / "shared.git") == refs

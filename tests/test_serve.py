@@ -24,7 +24,17 @@ import yaml
 from PIL import Image
 
 from flows.serve import prod_from_refs
-from tests.conftest import edit_params, free_port, git, project_environment, run_command, stop_process, wait_until
+from tests.conftest import (
+    WEAK_TRAINING,
+    edit_params,
+    free_port,
+    git,
+    project_environment,
+    run_command,
+    seed_run_cache,
+    stop_process,
+    wait_until,
+)
 from tests.test_predict import png_header_claiming
 from tests.test_promote import GTO, PROMOTE, prod, retrain
 
@@ -182,12 +192,13 @@ def test_every_bad_request_gets_its_status_and_one_line_and_the_next_good_one_is
 
 @pytest.mark.long_running
 def test_prod_follows_promotions_and_rollbacks_with_requests_in_flight_and_survives_kill_9(
-    registry_project, service_factory, tmp_path
+    registry_project, weak_run_cache, service_factory, tmp_path
 ):
     project = registry_project
     edit_params(project, "serve", poll_s=0.5, drift_window=200)
     git(project, "commit", "-qam", "serve: poll fast")
-    retrain(project, learning_rate=1e-7, epochs=1)  # a weak first champion
+    seed_run_cache(project, weak_run_cache)
+    retrain(project, **WEAK_TRAINING)  # a weak first champion, from DVC's run cache
     run_command(PROMOTE, project)
     service = service_factory(project, "--model", "prod")
     assert service.get("/v1/models/cifar10-cnn")[1]["version"] == "v0.1.0"

@@ -125,30 +125,36 @@ def _initialising(package: str) -> bool:
     return module is not None and getattr(module.__spec__, "_initializing", False)
 
 
-class _NoJaxForTensorFlow(importlib.abc.MetaPathFinder):
-    """Refuse `import jax` while TensorFlow or Keras initialise, unless Keras is to compute on JAX."""
+# Packages that TensorFlow and Keras import if installed, and do without otherwise, none of which
+# a stage needs from them: TFLite's converter imports jax (for JAX functions), Keras' Orbax callback
+# too, Keras' image gallery matplotlib.pyplot, Keras' array slicing pandas (DataFrame inputs), and
+# TensorFlow's legacy tf.keras scipy.sparse. A stage that uses one imports it itself, afterwards.
+OPTIONAL_IMPORTS_OF_KERAS = frozenset({"jax", "matplotlib", "pandas", "scipy"})
+
+
+class _KerasWithoutOptionalImports(importlib.abc.MetaPathFinder):
+    """Refuse OPTIONAL_IMPORTS_OF_KERAS while TensorFlow or Keras initialise, unless Keras runs on another backend."""
 
     def find_spec(self, name, path=None, target=None):
-        if name != "jax" or not (_initialising("tensorflow") or _initialising("keras")):
+        if name not in OPTIONAL_IMPORTS_OF_KERAS or not (_initialising("tensorflow") or _initialising("keras")):
             return None
         keras_config = sys.modules.get("keras.src.backend.config")  # set up before Keras imports its backend
-        if keras_config is not None and keras_config.backend() == "jax":
-            return None
-        raise ModuleNotFoundError("jax is not imported while TensorFlow or Keras initialise", name=name)
+        if keras_config is not None and keras_config.backend() != "tensorflow":
+            return None  # JAX and the others import what they need of these as they load
+        raise ModuleNotFoundError(f"{name} is not imported while TensorFlow or Keras initialise", name=name)
 
 
-def keep_jax_out_of_tensorflow() -> None:
-    """Let TensorFlow and Keras on TensorFlow load without JAX, though it is installed: neither uses it then."""
-    # Both import jax if they can, and do without it otherwise: TFLite's converter (for JAX
-    # functions) and Keras' Orbax checkpoint callback, neither of which a stage uses. With the dev
-    # extra, jax is installed: 0.4-0.5 s of CPU in every process that imports Keras on TensorFlow.
-    if not any(isinstance(finder, _NoJaxForTensorFlow) for finder in sys.meta_path):
-        sys.meta_path.insert(0, _NoJaxForTensorFlow())
+def keep_optional_imports_out_of_keras() -> None:
+    """Let TensorFlow and Keras on TensorFlow load without jax, matplotlib, pandas and scipy, though installed."""
+    # Together 0.7 CPU-seconds of the 2.8 that `import keras` takes (Zen 4), in every process
+    # that imports it: stages, predict, the service and the tests' processes.
+    if not any(isinstance(finder, _KerasWithoutOptionalImports) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _KerasWithoutOptionalImports())
 
 
 def apply_numerics(numerics: NumericsParams) -> None:
     """Set `numerics_environment` in this process; call it before TensorFlow is first imported."""
-    keep_jax_out_of_tensorflow()
+    keep_optional_imports_out_of_keras()
     # Portable mode overrides whatever the shell set: its point is that nothing local leaks in.
     # Native mode keeps the shell's own oneDNN settings, which environment.json records.
     for key, value in numerics_environment(numerics).items():
