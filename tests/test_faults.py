@@ -28,6 +28,7 @@ from tests.conftest import (
     project_environment,
     ran_stages,
     run_command,
+    seed_run_cache,
     wait_until,
 )
 
@@ -250,9 +251,15 @@ def run_killed(project: Path, command: list[str], **fault) -> subprocess.Complet
     return killed
 
 
-def kill_and_resume(project: Path, entry_point: str, *, epochs: int, last_done: int, **fault) -> None:
-    """Run with `fault` (which kills training), check nothing was lost, resume, check the same again."""
+def kill_and_resume(project: Path, entry_point: str, retrained: tuple, *, last_done: int, **fault) -> None:
+    """Run with `fault` (which kills training), check nothing was lost, resume, check the same again.
+
+    The run resumes to the `retrained` fixture's 3 epochs. Its select_best and evaluate, which
+    read the very bytes that fixture's train wrote, are then restored from a copy of its run cache.
+    """
+    epochs = 3
     edit_params(project, "train", epochs=epochs)
+    seed_run_cache(project, retrained[0] / ".dvc/cache", except_stage="train")
     lock_before = (project / "dvc.lock").read_bytes()
     command = command_for(entry_point)
     killed = run_killed(project, command, **fault)
@@ -274,8 +281,8 @@ def kill_and_resume(project: Path, entry_point: str, *, epochs: int, last_done: 
 
 
 @pytest.mark.parametrize("entry_point", ["dvc", "flow"])
-def test_kill_mid_checkpoint_write_then_resume(project, entry_point):
-    kill_and_resume(project, entry_point, epochs=4, last_done=2, FAULT_MID_WRITE="epoch-003.keras")
+def test_kill_mid_checkpoint_write_then_resume(project, retrained, entry_point):
+    kill_and_resume(project, entry_point, retrained, last_done=2, FAULT_MID_WRITE="epoch-003.keras")
 
 
 def test_kill_mid_write_leaves_a_half_written_temporary_file_only(project):
@@ -289,9 +296,9 @@ def test_kill_mid_write_leaves_a_half_written_temporary_file_only(project):
 
 
 @pytest.mark.parametrize("entry_point", ["dvc", "flow"])
-def test_kill_during_an_epoch_then_resume(project, entry_point):
+def test_kill_during_an_epoch_then_resume(project, retrained, entry_point):
     # Killed after batch 2 of epoch 3 (each epoch has 36 / 8 = 5 batches).
-    kill_and_resume(project, entry_point, epochs=4, last_done=2, FAULT_AT_BATCH="3:2")
+    kill_and_resume(project, entry_point, retrained, last_done=2, FAULT_AT_BATCH="3:2")
 
 
 def test_a_train_process_killed_in_epoch_2_resumes_to_the_bytes_of_an_unbroken_run(project, retrained):
@@ -313,15 +320,15 @@ def test_a_train_process_killed_in_epoch_2_resumes_to_the_bytes_of_an_unbroken_r
 
 def test_kill_between_checkpoint_and_its_history_row(project):
     # Epoch 3's checkpoint has landed; its history row (the 3rd history.csv rename) never does.
-    edit_params(project, "train", epochs=4)
+    edit_params(project, "train", epochs=3)
     run_killed(project, [*DVC, "repro"], FAULT_AT_RENAME="history.csv", FAULT_AT_COUNT=3)
     assert (project / RESUME / "epoch-003.keras").exists() and checkpoint_history(project) == [1, 2]
     kept = checkpoint_bytes(project, (1, 2))
 
-    resumed = run_command([*DVC, "repro"], project)
-    assert "epoch 2 of 4" in resumed.stdout + resumed.stderr  # the row-less epoch 3 is trained again
+    resumed = run_command([*DVC, "repro", "train"], project)  # the stages after it add nothing here
+    assert "epoch 2 of 3" in resumed.stdout + resumed.stderr  # the row-less epoch 3 is trained again
     history = pd.read_csv(project / CHECKPOINTS / "history.csv")
-    assert history["epoch"].tolist() == [1, 2, 3, 4]
+    assert history["epoch"].tolist() == [1, 2, 3]
     for row in history.itertuples():  # every row names its checkpoint's exact bytes
         assert sha256_file(project / CHECKPOINTS / f"epoch-{row.epoch:03d}.keras") == row.sha256
     assert checkpoint_bytes(project, (1, 2), CHECKPOINTS) == kept
@@ -336,7 +343,7 @@ def test_change_of_training_code_or_data_starts_training_over(project):
     # One module stands for all: the fingerprint hashes every file of training_code_files(), which
     # test_dependencies.py holds equal to the train stage's code deps.
     for change in ("tasks/lib/io.py", "split"):
-        edit_params(project, "train", epochs=4)
+        edit_params(project, "train", epochs=3)
         killed = subprocess.run(
             [*DVC, "repro"],
             cwd=project,
@@ -350,9 +357,9 @@ def test_change_of_training_code_or_data_starts_training_over(project):
         else:
             with open(project / change, "a") as source:
                 source.write("\n# changed\n")
-        rerun = run_command([*DVC, "repro", "select_best"], project)  # train is the claim; evaluate adds nothing
+        rerun = run_command([*DVC, "repro", "train"], project)  # train is the claim; the stages after it add nothing
         assert "resuming from" not in rerun.stdout + rerun.stderr, change
-        assert checkpoint_history(project) == [1, 2, 3, 4]
+        assert checkpoint_history(project) == [1, 2, 3]
         run_command(["git", "checkout", "--", "tasks", "params.yaml"], project)
 
 
