@@ -63,8 +63,8 @@ def default_remote_url(root: Path) -> str:
         return repo.config["remote"][name]["url"]
 
 
-def apply_winner(root: Path, winner: str, remote_name: str, branch: str | None) -> str:
-    """Make `winner` the workspace's state (outputs from the DVC remote), or a branch; what was done."""
+def apply_winner(root: Path, winner: str, rev: str, remote_name: str, branch: str | None) -> str:
+    """Make `winner` (experiment commit `rev`) the workspace's state (outputs from the DVC remote), or a branch."""
     if branch:
         command([*DVC, "exp", "branch", winner, branch], root, what=f"branching experiment {winner}")
         return f"branch {branch}"
@@ -72,7 +72,7 @@ def apply_winner(root: Path, winner: str, remote_name: str, branch: str | None) 
     from dvc.repo import Repo
 
     with Repo(str(root)) as repo:  # the CLI's fetch takes no revision; its API does
-        repo.fetch(revs=[experiments(root)[winner]["rev"]], remote=remote_name, workspace=False)
+        repo.fetch(revs=[rev], remote=remote_name, workspace=False)
     command([*DVC, "exp", "apply", winner], root, what=f"applying experiment {winner}")
     return "applied to the workspace"
 
@@ -150,9 +150,12 @@ def cifar10_sweep(
             command([*DVC, "exp", "pull", "--quiet", repo, name], root_path, what=f"fetching experiment {name}")
     finished = {name: row for name, row in rows.items() if row.get("metrics")}
     winner = rank(finished, params.select_best.monitor)[0] if finished else None
-    applied = apply_winner(root_path, winner, remote_name, branch) if winner else "nothing to apply"
+    known = experiments(root_path)  # each `dvc exp show` is most of a CPU-second: one for both uses
+    applied = "nothing to apply"
+    if winner:
+        applied = apply_winner(root_path, winner, known[winner]["rev"], remote_name, branch)
     logger.info("winner: %s (%s)", winner, applied)
-    summary = write_summary(root_path, params, [rows[candidate.name] for candidate in candidates], winner)
+    summary = write_summary(root_path, params, [rows[candidate.name] for candidate in candidates], winner, known)
     return {"winner": winner, "applied": applied, "summary": str(summary), "candidates": list(rows.values())}
 
 
@@ -164,14 +167,14 @@ def apply_best(root: Path, branch: str | None = None) -> dict:
         raise SweepError("no experiments with metrics on HEAD (dvc exp show): nothing to choose from")
     winner = rank(known, params.select_best.monitor)[0]
     remote_name = command([*DVC, "remote", "default"], root, what="reading the DVC remote").strip()
-    applied = apply_winner(root, winner, remote_name, branch)
+    applied = apply_winner(root, winner, known[winner]["rev"], remote_name, branch)
     baseline = yaml.safe_load(command(["git", "show", f"HEAD:{DEFAULT_PARAMS_PATH}"], root, what="reading params"))
     rows = [
         {"name": name, "overrides": changed_params(baseline, data["params"] or {}), "metrics": data["metrics"]}
         | {"outcome": "existing"}
         for name, data in known.items()
     ]
-    return {"winner": winner, "applied": applied, "summary": str(write_summary(root, params, rows, winner))}
+    return {"winner": winner, "applied": applied, "summary": str(write_summary(root, params, rows, winner, known))}
 
 
 def task_runner(workers: int, address: str | None):

@@ -84,11 +84,10 @@ def summary_markdown(rows: list[dict], winner: str | None, monitor: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_summary(root: Path, params, rows: list[dict], winner: str | None) -> Path:
-    """The summary markdown, one validation plot per finished candidate, and the Prefect table artifact."""
+def write_summary(root: Path, params, rows: list[dict], winner: str | None, known: dict[str, dict]) -> Path:
+    """The summary markdown, a validation plot per candidate among `known` (`experiments`), and the table artifact."""
     folder = root / params.paths.sweep
     monitor = params.select_best.monitor
-    known = experiments(root)
     for row in rows:
         if row["name"] in known:
             validation_plot(
