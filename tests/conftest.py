@@ -296,9 +296,13 @@ def project(tmp_path, reproduced) -> Path:
     return copy
 
 
+# The change the `retrained` fixture makes to the reproduced project's tiny recipe (2 epochs).
+RETRAINING = {"epochs": 3}
+
+
 @pytest.fixture(scope="session")
 def retrained(tmp_path_factory, reproduced) -> tuple[Path, dict, str]:
-    """The reproduced project after `train.epochs` 2 -> 3 and `dvc repro`, uncommitted: built once for all workers.
+    """The reproduced project after RETRAINING (`train.epochs` 2 -> 3) and `dvc repro`, uncommitted: built once.
 
     (project, `dvc status --json` before the rerun, the rerun's output): one run for the tests
     that each made this very change and rerun.
@@ -307,7 +311,7 @@ def retrained(tmp_path_factory, reproduced) -> tuple[Path, dict, str]:
     def build(folder: Path) -> None:
         project = folder / "project"
         shutil.copytree(reproduced[0], project, symlinks=True)
-        edit_params(project, "train", epochs=3)
+        edit_params(project, "train", **RETRAINING)
         (folder / "status.json").write_text(run_command([*DVC, "status", "--json"], project).stdout)
         (folder / "repro.log").write_text(run_command([*DVC, "repro"], project).stdout)
 
@@ -340,7 +344,7 @@ def seed_run_cache(project: Path, cache: Path, *, except_stage: str | None = Non
     theirs where its outputs are the same bytes as in `cache`.
     """
     left_out = f"python -m tasks.{except_stage}"
-    for source in sorted(path for path in cache.rglob("*") if path.is_file()):
+    for source in (path for path in cache.rglob("*") if path.is_file()):
         relative = source.relative_to(cache)
         destination = project / ".dvc/cache" / relative
         if destination.exists():  # the same bytes: objects are named by their hash, runs by their key

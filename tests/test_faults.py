@@ -23,6 +23,7 @@ from tasks.lib.io import copy_verified, sha256_file
 from tests.conftest import (
     DVC,
     FLOW,
+    RETRAINING,
     cache_object,
     edit_params,
     project_environment,
@@ -251,15 +252,15 @@ def run_killed(project: Path, command: list[str], **fault) -> subprocess.Complet
     return killed
 
 
-def kill_and_resume(project: Path, entry_point: str, retrained: tuple, *, last_done: int, **fault) -> None:
+def kill_and_resume(project: Path, entry_point: str, retrained_cache: Path, *, last_done: int, **fault) -> None:
     """Run with `fault` (which kills training), check nothing was lost, resume, check the same again.
 
-    The run resumes to the `retrained` fixture's 3 epochs. Its select_best and evaluate, which
-    read the very bytes that fixture's train wrote, are then restored from a copy of its run cache.
+    The run resumes to the `retrained` fixture's epochs. Its select_best and evaluate, which read
+    the very bytes that fixture's train wrote, are then restored from a copy of its run cache.
     """
-    epochs = 3
-    edit_params(project, "train", epochs=epochs)
-    seed_run_cache(project, retrained[0] / ".dvc/cache", except_stage="train")
+    epochs = RETRAINING["epochs"]
+    edit_params(project, "train", **RETRAINING)
+    seed_run_cache(project, retrained_cache, except_stage="train")
     lock_before = (project / "dvc.lock").read_bytes()
     command = command_for(entry_point)
     killed = run_killed(project, command, **fault)
@@ -282,7 +283,7 @@ def kill_and_resume(project: Path, entry_point: str, retrained: tuple, *, last_d
 
 @pytest.mark.parametrize("entry_point", ["dvc", "flow"])
 def test_kill_mid_checkpoint_write_then_resume(project, retrained, entry_point):
-    kill_and_resume(project, entry_point, retrained, last_done=2, FAULT_MID_WRITE="epoch-003.keras")
+    kill_and_resume(project, entry_point, retrained[0] / ".dvc/cache", last_done=2, FAULT_MID_WRITE="epoch-003.keras")
 
 
 def test_kill_mid_write_leaves_a_half_written_temporary_file_only(project):
@@ -298,11 +299,11 @@ def test_kill_mid_write_leaves_a_half_written_temporary_file_only(project):
 @pytest.mark.parametrize("entry_point", ["dvc", "flow"])
 def test_kill_during_an_epoch_then_resume(project, retrained, entry_point):
     # Killed after batch 2 of epoch 3 (each epoch has 36 / 8 = 5 batches).
-    kill_and_resume(project, entry_point, retrained, last_done=2, FAULT_AT_BATCH="3:2")
+    kill_and_resume(project, entry_point, retrained[0] / ".dvc/cache", last_done=2, FAULT_AT_BATCH="3:2")
 
 
 def test_a_train_process_killed_in_epoch_2_resumes_to_the_bytes_of_an_unbroken_run(project, retrained):
-    edit_params(project, "train", epochs=3)
+    edit_params(project, "train", **RETRAINING)
     train = [sys.executable, "-m", "tasks.train"]
     run_killed(project, train, FAULT_AT_BATCH="2:2")  # SIGKILL after batch 2 of epoch 2
     resumed = run_command(train, project)

@@ -17,6 +17,7 @@ from flows.pipeline import PIPELINE, STAGES, describe_changes
 from tests.conftest import (
     DVC,
     FLOW,
+    RETRAINING,
     ROOT,
     build_cifar10_archive,
     cache_object,
@@ -88,7 +89,7 @@ def test_flow_after_repro_runs_nothing_with_no_server_to_start(project):
 
 
 def test_flow_reruns_what_dvc_would_and_leaves_the_same_lock(project, retrained):
-    edit_params(project, "train", epochs=3)
+    edit_params(project, "train", **RETRAINING)
     result = run_command(FLOW, project)
     expected = {stage: "up to date" for stage in STAGES[:3]} | {stage: "running" for stage in STAGES[3:]}
     assert flow_stages(result.stderr + result.stdout) == expected
