@@ -485,10 +485,10 @@ def compute_record(train: TrainParams, arrays: dict[str, np.ndarray], num_classe
 
 def training_code_files() -> list[Path]:
     """The source of every module training runs: the train stage's code deps in dvc.yaml."""
-    from tasks.lib import cli, flops, io, model, model_files, numerics, optimizers
+    from tasks.lib import cli, flops, imports, io, model, model_files, numerics, optimizers
     from tasks.lib import params as params_module
 
-    modules = (cli, flops, io, model, model_files, numerics, optimizers, params_module)
+    modules = (cli, flops, imports, io, model, model_files, numerics, optimizers, params_module)
     return sorted([Path(__file__), *(Path(module.__file__) for module in modules)])
 
 

@@ -94,13 +94,15 @@ def test_native_mode_under_the_shells_isa_cap_runs_the_capped_kernels_on_every_c
     assert isa == "Intel AVX2" and not wide_kernels(kernels), (isa, kernels)
 
 
-def test_keras_on_tensorflow_loads_without_its_optional_imports_and_each_imports_afterwards():
+def test_keras_on_tensorflow_loads_frozen_without_its_optional_imports_and_each_imports_afterwards():
     # The JAX backend's side (Keras imports jax while it loads) is test_train's resumed run on JAX.
     script = (
-        "from tasks.lib.numerics import keep_optional_imports_out_of_keras\n"
-        "keep_optional_imports_out_of_keras()\n"
-        "import sys, keras\n"
+        "from tasks.lib.numerics import apply_numerics\n"
+        "from tasks.lib.params import NumericsParams\n"
+        "apply_numerics(NumericsParams())\n"
+        "import gc, sys, keras\n"
         "loaded_with_keras = [name for name in ('jax', 'matplotlib', 'pandas', 'scipy') if name in sys.modules]\n"
+        "print(gc.isenabled(), gc.get_freeze_count() > 100_000)  # loaded with the collector paused\n"
         "import jax.numpy, matplotlib.pyplot, pandas, scipy.special\n"
         "print(keras.backend.backend(), loaded_with_keras, float(jax.numpy.ones(3).sum()),\n"
         "      float(pandas.Series([1.0, 2.0]).sum()), float(scipy.special.chdtrc(2, 0.0)), matplotlib.get_backend())\n"
@@ -111,7 +113,7 @@ def test_keras_on_tensorflow_loads_without_its_optional_imports_and_each_imports
         [sys.executable, "-c", script], env=environment, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.split() == ["tensorflow", "[]", "3.0", "3.0", "1.0", "agg"], result.stdout
+    assert result.stdout.split() == ["True", "True", "tensorflow", "[]", "3.0", "3.0", "1.0", "agg"], result.stdout
 
 
 def test_native_mode_keeps_the_shells_onednn_settings_and_portable_overrides_them(monkeypatch):

@@ -15,6 +15,7 @@ import os
 import sys
 from pathlib import Path
 
+from tasks.lib.imports import import_without_collection
 from tasks.lib.params import NumericsParams, ParamsError
 
 # The widest instruction set every CPU of the pool has (Zen 3 has no AVX-512).
@@ -156,6 +157,7 @@ def keep_optional_imports_out_of_keras() -> None:
 def apply_numerics(numerics: NumericsParams) -> None:
     """Set `numerics_environment` in this process; call it before TensorFlow is first imported."""
     keep_optional_imports_out_of_keras()
+    import_without_collection(("keras", "tensorflow"))  # a third of the CPU `import keras` takes
     # Portable mode overrides whatever the shell set: its point is that nothing local leaks in.
     # Native mode keeps the shell's own oneDNN settings, which environment.json records.
     for key, value in numerics_environment(numerics).items():
