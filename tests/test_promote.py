@@ -15,8 +15,26 @@ import numpy as np
 import pytest
 
 from tasks.lib.params import PromoteParams
-from tasks.promote import ARTIFACT, compare, decide, mcnemar_one_sided, required_gain
-from tests.conftest import DVC, WEAK_TRAINING, edit_params, git, run_command, seed_run_cache, shared_remote, wait_until
+from tasks.promote import (
+    ARTIFACT,
+    PromotionError,
+    compare,
+    decide,
+    fetch_at_revision,
+    mcnemar_one_sided,
+    required_gain,
+)
+from tests.conftest import (
+    DVC,
+    WEAK_TRAINING,
+    cache_object,
+    edit_params,
+    git,
+    run_command,
+    seed_run_cache,
+    shared_remote,
+    wait_until,
+)
 from tests.test_faults import environment_with_fault, run_killed
 
 GTO = [str(Path(sys.executable).with_name("gto"))]
@@ -237,6 +255,21 @@ def test_promotion_from_a_workspace_it_cannot_register_changes_nothing(registry_
     # Reading prod without the registry's remote: the same fix, in one line, exit 2.
     result = run_command([*PREDICT, "source/test", "--model", "prod"], project, check=False)
     assert result.returncode == 2 and "error: cannot read the registry: no git remote 'origin'" in result.stderr
+
+
+def test_a_file_fetched_at_a_commit_comes_from_that_commit_and_a_missing_one_is_named_with_the_fix(project, tmp_path):
+    head = git(project, "rev-parse", "HEAD")
+    report = Path("data/prepared/report.json")
+    recorded = (project / report).read_bytes()
+    (project / report).write_text("{}")  # the workspace's copy is never what is fetched
+    assert fetch_at_revision(project, report, head, tmp_path / "report.json").read_bytes() == recorded
+    for missing in (Path("data/prepared/no-such.json"), report):
+        if missing == report:  # tracked at that commit, but its data is in no cache or remote
+            cache_object(project, hashlib.md5(recorded).hexdigest()).unlink()
+        with pytest.raises(PromotionError) as refused:
+            fetch_at_revision(project, missing, head, tmp_path / "missing" / missing.name)
+        assert str(refused.value).startswith(f"{missing} at {head[:12]}: DVC tracks no such path at that commit")
+        assert "(was it pushed? dvc push)" in str(refused.value)
 
 
 # Where a promotion can die, as FAULT_AT_TOOL/FAULT_WHEN of tests/test_faults.py's hooks.
