@@ -348,7 +348,13 @@ def batched(images: np.ndarray, targets: np.ndarray, *, batch_size: int, orders:
         rows = rows.concatenate(tf.data.Dataset.from_tensor_slices(order).batch(batch_size))
     # As Keras does: the arrays enter once, zipped beside every batch of rows, and are gathered from.
     whole = tf.data.Dataset.from_tensors((images, targets)).repeat()
-    dataset = tf.data.Dataset.zip(rows, whole).map(lambda batch, data: tuple(tf.gather(a, batch) for a in data))
+
+    # Plain graph code, as Keras' own steps: AutoGraph would rewrite it into a file it writes to /tmp.
+    @tf.autograph.experimental.do_not_convert
+    def gather(batch, data):
+        return tuple(tf.gather(array, batch) for array in data)
+
+    dataset = tf.data.Dataset.zip(rows, whole).map(gather)
     options = tf.data.Options()
     options.autotune.enabled = False
     # No static rewrites either (as Keras): they would serialise the arrays into a graph.
