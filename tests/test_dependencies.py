@@ -125,3 +125,11 @@ def test_the_shared_library_never_imports_a_stage():
         module = f"tasks.lib.{path.stem}"
         stages = {found for found in project_imports(module) if not found.startswith("tasks.lib")}
         assert not stages, f"{module} imports {sorted(stages)}: tasks.lib is what the stages share, never a stage"
+
+
+def test_dvc_reads_its_yaml_with_libyaml():
+    # Without ruamel.yaml.clib, every dvc process parses dvc.yaml, dvc.lock and params in pure Python.
+    from ruamel.yaml import YAML
+    from ruamel.yaml.main import CParser
+
+    assert CParser is not None and YAML(typ="safe").Parser is CParser
