@@ -9,7 +9,7 @@ from tasks.lib.imports import import_without_collection
 # Prefect's SDK telemetry can only be switched off from the environment, and it must be
 # set before prefect is imported; pyproject.toml turns off the server's analytics.
 os.environ.setdefault("DO_NOT_TRACK", "1")
-# Every flow process loads Prefect (and a sweep Dask): 0.3 CPU-seconds less each with the collector paused.
+# Every flow process loads Prefect (and a sweep Dask): about half a CPU-second less with the collector paused.
 import_without_collection(("prefect", "prefect_dask", "dask", "distributed"))
 
 

@@ -2,9 +2,9 @@
 
 Importing Keras on TensorFlow leaves about 440,000 objects that live as long as the process.
 While they are created, the collector's full scans go over them again and again and free next
-to nothing. Paused (Zen 4, from the interpreter's start to its exit): `import keras` 1.8-2.1
-CPU-seconds instead of 3.0-3.6; an evaluate stage of the tests' small project 3.1-3.2 instead
-of 4.2-4.8; `import flows.pipeline` (Prefect) 1.3-1.5 instead of 1.9-2.2.
+to nothing. Paused (Zen 4, CPU-seconds from the interpreter's start to its exit): `import keras`
+2.2-2.5 instead of 3.5-4.0; an evaluate stage of the tests' small project 3.1-3.2 instead of
+4.2-4.8; `import flows.pipeline` (Prefect) 1.45-1.67 instead of 2.0-2.36.
 """
 
 from __future__ import annotations
