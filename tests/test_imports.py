@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 from tests.conftest import ROOT
 
@@ -61,7 +60,7 @@ def test_listed_packages_load_with_the_collector_paused_then_frozen_and_a_failed
 
 def test_a_flow_process_loads_prefect_with_the_collector_paused():
     script = "import gc, flows.pipeline, prefect\nprint(gc.isenabled(), gc.get_freeze_count() > 100_000)\n"
-    environment = os.environ | {"PYTHONPATH": str(Path(ROOT))}
+    environment = os.environ | {"PYTHONPATH": str(ROOT)}
     result = subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["True", "True"], result.stdout

@@ -263,13 +263,15 @@ def test_a_file_fetched_at_a_commit_comes_from_that_commit_and_a_missing_one_is_
     recorded = (project / report).read_bytes()
     (project / report).write_text("{}")  # the workspace's copy is never what is fetched
     assert fetch_at_revision(project, report, head, tmp_path / "report.json").read_bytes() == recorded
-    for missing in (Path("data/prepared/no-such.json"), report):
-        if missing == report:  # tracked at that commit, but its data is in no cache or remote
-            cache_object(project, hashlib.md5(recorded).hexdigest()).unlink()
-        with pytest.raises(PromotionError) as refused:
-            fetch_at_revision(project, missing, head, tmp_path / "missing" / missing.name)
-        assert str(refused.value).startswith(f"{missing} at {head[:12]}: DVC tracks no such path at that commit")
-        assert "(was it pushed? dvc push)" in str(refused.value)
+    untracked = Path("data/prepared/no-such.json")
+    with pytest.raises(PromotionError) as not_at_the_commit:
+        fetch_at_revision(project, untracked, head, tmp_path / "no-such.json")
+    cache_object(project, hashlib.md5(recorded).hexdigest()).unlink()  # tracked, but in no cache or remote
+    with pytest.raises(PromotionError) as not_pushed:
+        fetch_at_revision(project, report, head, tmp_path / "unpushed.json")
+    for path, refused in ((untracked, not_at_the_commit), (report, not_pushed)):
+        assert str(refused.value).startswith(f"{path} at {head[:12]}: DVC tracks no such path at that commit")
+        assert str(refused.value).endswith("(was it pushed? dvc push)")
 
 
 # Where a promotion can die, as FAULT_AT_TOOL/FAULT_WHEN of tests/test_faults.py's hooks.
