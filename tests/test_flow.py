@@ -26,6 +26,7 @@ from tests.conftest import (
     project_environment,
     run_command,
     track_zip_source,
+    wait_until,
 )
 
 # Flow runs report to one real Prefect server for the session instead of starting their own.
@@ -117,33 +118,47 @@ def test_flow_has_no_params_option_that_the_stages_would_ignore(project):
 
 
 # Takes DVC's own repository lock, as any dvc command does, and keeps it for argv[1] seconds.
+# Holds the workspace's DVC lock until its stdin closes (or argv[1] seconds pass).
 HOLD_DVC_LOCK = (
-    "import sys, time; from dvc.repo import Repo; repo = Repo('.'); repo.lock.lock(); "
-    "print('locked', flush=True); time.sleep(float(sys.argv[1])); repo.lock.unlock()"
+    "import select, sys; from dvc.repo import Repo; repo = Repo('.'); repo.lock.lock(); "
+    "print('locked', flush=True); select.select([sys.stdin], [], [], float(sys.argv[1])); repo.lock.unlock()"
 )
+MET_THE_LOCK = "another DVC process holds"
 
 
-def test_flow_retries_while_another_dvc_process_holds_the_lock(project):
+def test_flow_retries_while_another_dvc_process_holds_the_lock(project, tmp_path):
     edit_params(project, "train", epochs=3)
     holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD_DVC_LOCK, "12"], cwd=project, stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", HOLD_DVC_LOCK, "600"], cwd=project, stdin=subprocess.PIPE, stdout=subprocess.PIPE
     )
-    assert holder.stdout.readline().strip() == "locked"
-    result = run_command(FLOW, project, check=False)
-    holder.wait(timeout=60)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output
-    assert "another DVC process holds" in output and "Retry" in output  # the first try met the lock
+    assert holder.stdout.readline().strip() == b"locked"
+    log = tmp_path / "flow.log"
+    with open(log, "w") as output:
+        flow = subprocess.Popen(
+            FLOW, cwd=project, env=project_environment(project.parent), stdout=output, stderr=subprocess.STDOUT
+        )
+    try:
+        # Held until the flow's first try met it, however long the flow took to start: then released.
+        wait_until(lambda: MET_THE_LOCK in log.read_text() or flow.poll() is not None, 300, "the flow to meet the lock")
+        holder.stdin.close()
+        assert holder.wait(timeout=60) == 0
+        returncode = flow.wait(timeout=600)
+    finally:
+        holder.kill()
+        flow.kill()
+    output = log.read_text()
+    assert returncode == 0, output
+    assert MET_THE_LOCK in output and "Retry" in output  # the first try met the lock
     assert flow_stages(output)["train"] == "running"
     assert "up to date" in run_command([*DVC, "status"], project).stdout
 
 
 def test_a_lock_held_past_every_retry_ends_the_run_busy_after_the_set_delays(project):
     holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD_DVC_LOCK, "120"], cwd=project, stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", HOLD_DVC_LOCK, "120"], cwd=project, stdin=subprocess.PIPE, stdout=subprocess.PIPE
     )
     try:
-        assert holder.stdout.readline().strip() == "locked"
+        assert holder.stdout.readline().strip() == b"locked"
         environment = project_environment(project.parent) | {"CIFAR10_DVC_BUSY_RETRY_DELAYS_S": "1,2,4"}
         started = time.monotonic()
         result = run_command(FLOW, project, check=False, environment=environment)
@@ -152,12 +167,12 @@ def test_a_lock_held_past_every_retry_ends_the_run_busy_after_the_set_delays(pro
         holder.kill()
     output = result.stdout + result.stderr
     assert result.returncode == 75, output  # busy: the same run later will work
-    tries = "Task run failed with exception: PipelineBusyError('stage ingest: another DVC process holds"
+    tries = f"Task run failed with exception: PipelineBusyError('stage ingest: {MET_THE_LOCK}"
     assert output.count(tries) == 4, output  # the first try and 3 retries
     for number, delay in enumerate(("1.0", "2.0", "4.0"), start=1):
         assert f"Retry {number}/3 will start {delay} second(s) from now" in output, output
     assert elapsed >= 1 + 2 + 4
-    assert "Retry 4/" not in output and "error: stage ingest: another DVC process holds" in output
+    assert "Retry 4/" not in output and f"error: stage ingest: {MET_THE_LOCK}" in output
 
 
 def test_a_stage_that_refuses_its_input_is_not_retried_and_exits_2(project):
