@@ -39,10 +39,11 @@ from tasks.lib.io import DataError
 from tasks.lib.numerics import apply_numerics
 from tasks.lib.params import Params, load_params
 from tasks.predict import Predictor, load_predictor_model, resolve_model
+from tasks.promote import ARTIFACT, prod_from_refs
 
 log = logging.getLogger("flows.serve")
 
-MODEL_NAME = "cifar10-cnn"
+MODEL_NAME = ARTIFACT
 PREDICT_PATH = f"/v1/models/{MODEL_NAME}:predict"
 IMAGE_TYPES = ("image/png", "image/jpeg")
 PAGE = Path(__file__).with_name("serve_page.html")
@@ -74,40 +75,6 @@ class Served:
 
 
 # ---- the registry, read without writing a ref: a promotion in this clone is never disturbed ----
-
-
-def prod_from_refs(listing: str) -> tuple[str, str] | None:
-    """(version, commit) of prod from `git ls-remote` output of GTO's tags; None when nothing is in prod.
-
-    GTO's stage tags are MODEL#prod#N (assign) and MODEL#prod!#N (unassign); the highest N is the
-    current one. Version tags are MODEL@vX.Y.Z. Annotated tags are listed with their commit as TAG^{}.
-    """
-    commits: dict[str, str] = {}
-    for line in listing.splitlines():
-        sha, _, ref = line.partition("\t")
-        name = ref.removeprefix("refs/tags/")
-        if name.endswith("^{}"):
-            commits[name[:-3]] = sha
-        else:
-            commits.setdefault(name, sha)
-    assignments = []
-    for name in commits:
-        kind, _, number = name.rpartition("#")
-        if kind in (f"{MODEL_NAME}#prod", f"{MODEL_NAME}#prod!") and number.isdigit():
-            assignments.append((int(number), kind.endswith("!"), name))
-    if not assignments:
-        return None
-    _, unassigned, latest = max(assignments)
-    if unassigned:
-        return None
-    commit = commits[latest]
-    versions = [
-        name.removeprefix(f"{MODEL_NAME}@")
-        for name, sha in commits.items()
-        if name.startswith(f"{MODEL_NAME}@") and sha == commit and "!" not in name
-    ]
-    semver = sorted(versions, key=lambda v: tuple(int(part) for part in v.lstrip("v").split(".") if part.isdigit()))
-    return (semver[-1] if semver else commit[:12]), commit
 
 
 def registry_prod(root: Path, remote: str) -> tuple[str, str] | None:

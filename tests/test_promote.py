@@ -22,6 +22,7 @@ from tasks.promote import (
     decide,
     fetch_at_revision,
     mcnemar_one_sided,
+    prod_from_refs,
     required_gain,
 )
 from tests.conftest import (
@@ -345,3 +346,25 @@ def test_flow_with_promote_registers_the_first_champion_then_refuses_identical_a
     run_command([sys.executable, "-m", "flows.pipeline", "--promote"], project)
     assert decision(project)["decision"] == "keep champion" and "worse" in decision(project)["reason"]
     assert registry_refs(project) == registry_refs(project.parent / "shared.git") == refs
+
+
+def test_prod_is_read_from_gto_tags_as_gto_reads_them():
+    commit_a, commit_b = "a" * 40, "b" * 40
+    listing = "\n".join(
+        [
+            "1111\trefs/tags/cifar10-cnn@v0.1.0",
+            f"{commit_a}\trefs/tags/cifar10-cnn@v0.1.0^{{}}",
+            "2222\trefs/tags/cifar10-cnn@v0.2.0",
+            f"{commit_b}\trefs/tags/cifar10-cnn@v0.2.0^{{}}",
+            "3333\trefs/tags/cifar10-cnn#prod#1",
+            f"{commit_a}\trefs/tags/cifar10-cnn#prod#1^{{}}",
+            "4444\trefs/tags/cifar10-cnn#prod#10",
+            f"{commit_b}\trefs/tags/cifar10-cnn#prod#10^{{}}",
+            "5555\trefs/tags/cifar10-cnn#prod#9",
+            f"{commit_a}\trefs/tags/cifar10-cnn#prod#9^{{}}",
+        ]
+    )
+    assert prod_from_refs(listing) == ("v0.2.0", commit_b)  # 10 > 9: numbers, not strings
+    unassigned = f"\n6666\trefs/tags/cifar10-cnn#prod!#11\n{commit_b}\trefs/tags/cifar10-cnn#prod!#11^{{}}"
+    assert prod_from_refs(listing + unassigned) is None
+    assert prod_from_refs("") is None

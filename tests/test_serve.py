@@ -23,7 +23,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from flows.serve import prod_from_refs
+from tasks.promote import prod_from_refs
 from tests.conftest import (
     WEAK_TRAINING,
     edit_params,
@@ -281,25 +281,3 @@ def broken_version(bare: Path, clone: Path) -> None:
     run_command([*GTO, "register", "cifar10-cnn", "HEAD", "--version", "v0.9.0"], clone)
     run_command([*GTO, "assign", "cifar10-cnn", "--version", "v0.9.0", "--stage", "prod"], clone)
     git(clone, "push", "--quiet", "--atomic", "origin", "cifar10-cnn/v0.9.0", "--tags")
-
-
-def test_prod_is_read_from_gto_tags_as_gto_reads_them():
-    commit_a, commit_b = "a" * 40, "b" * 40
-    listing = "\n".join(
-        [
-            "1111\trefs/tags/cifar10-cnn@v0.1.0",
-            f"{commit_a}\trefs/tags/cifar10-cnn@v0.1.0^{{}}",
-            "2222\trefs/tags/cifar10-cnn@v0.2.0",
-            f"{commit_b}\trefs/tags/cifar10-cnn@v0.2.0^{{}}",
-            "3333\trefs/tags/cifar10-cnn#prod#1",
-            f"{commit_a}\trefs/tags/cifar10-cnn#prod#1^{{}}",
-            "4444\trefs/tags/cifar10-cnn#prod#10",
-            f"{commit_b}\trefs/tags/cifar10-cnn#prod#10^{{}}",
-            "5555\trefs/tags/cifar10-cnn#prod#9",
-            f"{commit_a}\trefs/tags/cifar10-cnn#prod#9^{{}}",
-        ]
-    )
-    assert prod_from_refs(listing) == ("v0.2.0", commit_b)  # 10 > 9: numbers, not strings
-    unassigned = f"\n6666\trefs/tags/cifar10-cnn#prod!#11\n{commit_b}\trefs/tags/cifar10-cnn#prod!#11^{{}}"
-    assert prod_from_refs(listing + unassigned) is None
-    assert prod_from_refs("") is None
