@@ -42,7 +42,14 @@ from flows.sweep_grid import (
     validate_candidates,
 )
 from flows.sweep_report import experiments, write_summary
-from flows.sweep_worker import DVC, SWEEP_REFS, UPSTREAM_STAGES, command, run_candidate
+from flows.sweep_worker import (
+    DVC,
+    SWEEP_REFS,
+    UPSTREAM_STAGES,
+    command,
+    run_candidate,
+    set_local_remote,
+)
 from flows.worker_api import prefect_api_for_workers
 from tasks.lib.cli import EXIT_BAD_INPUT
 from tasks.lib.io import DataError
@@ -51,16 +58,17 @@ from tasks.lib.params import DEFAULT_PARAMS_PATH, ParamsError, load_params
 ALLOWED_WORKER_DEATHS = 1  # a candidate whose worker dies runs once more, then is reported failed
 
 
-def default_remote_url(root: Path) -> str:
-    """The repository's default DVC remote as an absolute URL (DVC's config resolves relative paths)."""
+def default_remote(root: Path) -> tuple[str, str]:
+    """The repository's default DVC remote: (name, absolute URL; DVC's config resolves relative paths)."""
     from dvc.repo import Repo
 
-    # The config, not `dvc remote list`: that prints a table whose long paths wrap.
+    # The config in this process: `dvc remote default` is a process of half a CPU-second, and
+    # `dvc remote list` prints a table whose long paths wrap.
     with Repo(str(root)) as repo:
         name = repo.config["core"].get("remote")
         if not name:
             raise SweepError("no default DVC remote: candidates need one (dvc remote add -d NAME URL) or --remote URL")
-        return repo.config["remote"][name]["url"]
+        return name, repo.config["remote"][name]["url"]
 
 
 def apply_winner(root: Path, winner: str, rev: str, remote_name: str, branch: str | None) -> str:
@@ -104,11 +112,10 @@ def cifar10_sweep(
     if command(clean, root_path, what="checking the workspace"):
         raise SweepError("the upstream stages changed dvc.lock: commit it, then sweep")
     if remote:  # a remote given by URL: this workspace pushes to it and fetches from it too
-        command([*DVC, "remote", "add", "--local", "--force", "sweep", remote], root_path, what="adding the remote")
         remote_name = "sweep"
+        set_local_remote(root_path, remote_name, remote)
     else:
-        remote_name = command([*DVC, "remote", "default"], root_path, what="reading the DVC remote").strip()
-        remote = default_remote_url(root_path)
+        remote_name, remote = default_remote(root_path)
     upstream_outputs = UPSTREAM_STAGES[1:]
     command([*DVC, "push", "--quiet", "-r", remote_name, *upstream_outputs], root_path, what="pushing upstream outputs")
     commit = command(["git", "rev-parse", "HEAD"], root_path, what="reading HEAD").strip()
@@ -150,7 +157,7 @@ def cifar10_sweep(
             command([*DVC, "exp", "pull", "--quiet", repo, name], root_path, what=f"fetching experiment {name}")
     finished = {name: row for name, row in rows.items() if row.get("metrics")}
     winner = rank(finished, params.select_best.monitor)[0] if finished else None
-    known = experiments(root_path)  # each `dvc exp show` is most of a CPU-second: one for both uses
+    known = experiments(root_path)
     applied = "nothing to apply"
     if winner:
         applied = apply_winner(root_path, winner, known[winner]["rev"], remote_name, branch)
@@ -166,8 +173,7 @@ def apply_best(root: Path, branch: str | None = None) -> dict:
     if not known:
         raise SweepError("no experiments with metrics on HEAD (dvc exp show): nothing to choose from")
     winner = rank(known, params.select_best.monitor)[0]
-    remote_name = command([*DVC, "remote", "default"], root, what="reading the DVC remote").strip()
-    applied = apply_winner(root, winner, known[winner]["rev"], remote_name, branch)
+    applied = apply_winner(root, winner, known[winner]["rev"], default_remote(root)[0], branch)
     baseline = yaml.safe_load(command(["git", "show", f"HEAD:{DEFAULT_PARAMS_PATH}"], root, what="reading params"))
     rows = [
         {"name": name, "overrides": changed_params(baseline, data["params"] or {}), "metrics": data["metrics"]}

@@ -7,13 +7,24 @@ from pathlib import Path
 
 from prefect.artifacts import create_table_artifact
 
-from flows.sweep_worker import DVC, command
+from flows.sweep_worker import command
 from tasks.lib.io import atomic_path
 
 
+def _json_value(item: object) -> object:
+    from dvc.utils.serialize import encode_exception
+
+    return item.isoformat() if hasattr(item, "isoformat") else encode_exception(item)
+
+
 def experiments(root: Path) -> dict[str, dict]:
-    """{name: {rev, params, metrics}} of the experiments on HEAD, from `dvc exp show --json`."""
-    shown = json.loads(command([*DVC, "exp", "show", "--json"], root, what="listing experiments") or "[]")
+    """{name: {rev, params, metrics}} of the experiments on HEAD, as `dvc exp show --json` lists them."""
+    from dvc.repo import Repo
+
+    # DVC's API in this process, serialised as the command serialises it (a process costs most
+    # of a CPU-second): dates as ISO text, errors as DVC encodes them.
+    with Repo(str(root)) as repo:
+        shown = json.loads(json.dumps([state.dumpd() for state in repo.experiments.show()], default=_json_value))
     found = {}
     for baseline in shown:
         for group in baseline.get("experiments") or []:

@@ -61,6 +61,20 @@ def tool_environment() -> dict[str, str]:
 DVC = [sys.executable, "-m", "dvc"]
 
 
+def set_local_remote(root: Path, name: str, url: str, *, default: bool = False) -> None:
+    """Point DVC remote `name` at `url` in the repository's local (untracked) config; `default`: make it the default.
+
+    In this process, as `dvc remote add --local --force` would do it: that command is a process of
+    half a CPU-second.
+    """
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo, repo.config.edit("local") as local:
+        local["remote"][name] = {"url": url}
+        if default:
+            local["core"]["remote"] = name
+
+
 def worker_identity() -> dict[str, object]:
     """Which Dask worker (and process, host) runs the calling task."""
     try:
@@ -127,8 +141,7 @@ def run_candidate(candidate: Candidate, repo: str, commit: str, remote: str, sha
             fetch = ["git", "fetch", "--quiet", "origin", f"{SWEEP_REFS}{commit}"]
             command(fetch, workspace, what=f"fetching {commit[:12]}")
         command(["git", "checkout", "--quiet", "--detach", commit], workspace, what=f"checking out {commit[:12]}")
-        default = command([*DVC, "remote", "default"], workspace, what="reading the DVC remote").strip()
-        command([*DVC, "remote", "modify", "--local", default, "url", remote], workspace, what="setting the remote")
+        set_local_remote(workspace, "sweep", remote, default=True)  # pull, exp run and push all use it
         # --run-cache also brings the remote's record of earlier stage runs (small files): with
         # `exp run --pull`, a stage whose deps and params some run had already restores that run's
         # outputs from the remote instead of running again (a sweep rerun after a commit).
