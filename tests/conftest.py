@@ -452,6 +452,11 @@ def start_prefect_server(home: Path, port: int) -> subprocess.Popen:
         # As pyproject.toml sets it for a server started from the project root: leases survive a restart.
         "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": "prefect.server.concurrency.lease_storage.filesystem",
     }
+    # Loop services no test relies on (tests start their runs themselves; none waits for 03:00, a
+    # pause or a work pool): a third of an idle server's CPU, 8 CPU-seconds of a CI run's shared server.
+    # Repossessor (leases), triggers (the zombie automation), events and task runs stay on.
+    for service in ("SCHEDULER", "LATE_RUNS", "PAUSE_EXPIRATIONS", "CANCELLATION_CLEANUP", "FOREMAN"):
+        environment[f"PREFECT_SERVER_SERVICES_{service}_ENABLED"] = "false"
     server = subprocess.Popen(
         [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
         cwd=home,
