@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -354,13 +355,11 @@ def commit_on_branch(root: Path, branch: str, files: list[str], records: dict[st
 
 def next_version(root: Path) -> str:
     """The next minor version after every registered one (v0.1.0 for the first)."""
-    prefix = f"{ARTIFACT}@v"  # version tags, deregistered ones (a trailing !) too: a number is never reused
-    numbers = [
-        tuple(int(part) for part in name.removeprefix(prefix).rstrip("!").split("."))
-        for name in tag_commits(registry_listing(root))
-        if name.startswith(prefix)
-    ]
-    major, minor, _ = max(numbers, default=(0, 0, 0))
+    # Version tags (MODEL@vX.Y.Z), deregistrations (MODEL@vX.Y.Z!#N) too: a number is never reused.
+    versions = (
+        re.match(rf"{re.escape(ARTIFACT)}@v(\d+)\.(\d+)\.(\d+)", name) for name in tag_commits(registry_listing(root))
+    )
+    major, minor, _ = max((tuple(map(int, match.groups())) for match in versions if match), default=(0, 0, 0))
     return f"v{major}.{minor + 1}.0"
 
 

@@ -22,6 +22,7 @@ from tasks.promote import (
     decide,
     fetch_at_revision,
     mcnemar_one_sided,
+    next_version,
     prod_from_refs,
     required_gain,
 )
@@ -368,3 +369,14 @@ def test_prod_is_read_from_gto_tags_as_gto_reads_them():
     unassigned = f"\n6666\trefs/tags/cifar10-cnn#prod!#11\n{commit_b}\trefs/tags/cifar10-cnn#prod!#11^{{}}"
     assert prod_from_refs(listing + unassigned) is None
     assert prod_from_refs("") is None
+
+
+def test_the_next_version_follows_every_registered_or_deregistered_one(tmp_path):
+    run_command(["git", "init", "-q"], tmp_path)
+    git(tmp_path, "-c", "user.name=t", "-c", "user.email=t@e", "commit", "-q", "--allow-empty", "-m", "first")
+    assert next_version(tmp_path) == "v0.1.0"  # nothing registered yet
+    # As GTO names them: a registration, a deregistration (with its count), a stage tag, a deprecation.
+    for tag in ("cifar10-cnn@v0.1.0", "cifar10-cnn@v0.10.0!#1", "cifar10-cnn#prod#1", "cifar10-cnn@deprecated#2"):
+        git(tmp_path, "tag", tag)
+    git(tmp_path, "tag", "another-model@v3.0.0")
+    assert next_version(tmp_path) == "v0.11.0"
