@@ -7,6 +7,7 @@ from pathlib import Path
 
 from prefect.artifacts import create_table_artifact
 
+from flows.sweep_grid import SweepError
 from flows.sweep_worker import command
 from tasks.lib.io import atomic_path
 
@@ -19,12 +20,16 @@ def _json_value(item: object) -> object:
 
 def experiments(root: Path) -> dict[str, dict]:
     """{name: {rev, params, metrics}} of the experiments on HEAD, as `dvc exp show --json` lists them."""
+    from dvc.exceptions import DvcException
     from dvc.repo import Repo
 
     # DVC's API in this process, serialised as the command serialises it (a process costs most
     # of a CPU-second): dates as ISO text, errors as DVC encodes them.
-    with Repo(str(root)) as repo:
-        shown = json.loads(json.dumps([state.dumpd() for state in repo.experiments.show()], default=_json_value))
+    try:
+        with Repo(str(root)) as repo:
+            shown = json.loads(json.dumps([state.dumpd() for state in repo.experiments.show()], default=_json_value))
+    except DvcException as error:
+        raise SweepError(f"listing the experiments (dvc exp show) failed: {error}") from error
     found = {}
     for baseline in shown:
         for group in baseline.get("experiments") or []:
