@@ -220,9 +220,12 @@ def test_prod_follows_promotions_and_rollbacks_with_requests_in_flight_and_survi
         retrain(project, learning_rate=0.001, epochs=2)  # the tiny recipe as committed: far better
         run_command(PROMOTE, project)
         assert prod(project)["version"] == "v0.2.0"
-        wait_until(lambda: seen[0][-1] == "v0.2.0", 60, "answers from v0.2.0")
+        wait_until(lambda: all(answered[-1] == "v0.2.0" for answered in seen), 60, "answers from v0.2.0")
         run_command([*PROMOTE, "--rollback", "--reason", "checking the service follows"], project)
-        wait_until(lambda: seen[0][-1] == "v0.1.0", 60, "answers from v0.1.0 after the rollback")
+        # Every client, not the first alone: one still waiting on its last answer has not seen the switch.
+        wait_until(
+            lambda: all(answered[-1] == "v0.1.0" for answered in seen), 60, "answers from v0.1.0 after the rollback"
+        )
     finally:
         stop.set()
         for thread in clients:
