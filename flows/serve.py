@@ -43,8 +43,7 @@ from tasks.promote import ARTIFACT, prod_from_refs
 
 log = logging.getLogger("flows.serve")
 
-MODEL_NAME = ARTIFACT
-PREDICT_PATH = f"/v1/models/{MODEL_NAME}:predict"
+PREDICT_PATH = f"/v1/models/{ARTIFACT}:predict"
 IMAGE_TYPES = ("image/png", "image/jpeg")
 PAGE = Path(__file__).with_name("serve_page.html")
 
@@ -71,7 +70,7 @@ class Served:
 
     def describe(self) -> dict:
         """Version, sha256 and revision, as the body and /v1/models say them."""
-        return {"name": MODEL_NAME, "version": self.version, "sha256": self.sha256, "revision": self.revision}
+        return {"name": ARTIFACT, "version": self.version, "sha256": self.sha256, "revision": self.revision}
 
 
 # ---- the registry, read without writing a ref: a promotion in this clone is never disturbed ----
@@ -80,7 +79,7 @@ class Served:
 def registry_prod(root: Path, remote: str) -> tuple[str, str] | None:
     """Where the remote's registry has prod now: (version, commit), or None."""
     listed = subprocess.run(
-        ["git", "ls-remote", "--tags", remote, f"refs/tags/{MODEL_NAME}*"], cwd=root, capture_output=True, text=True
+        ["git", "ls-remote", "--tags", remote, f"refs/tags/{ARTIFACT}*"], cwd=root, capture_output=True, text=True
     )
     if listed.returncode != 0:
         raise DataError(f"asking git remote {remote!r} where prod is: {listed.stderr.strip() or 'git failed'}")
@@ -96,14 +95,14 @@ def fetch_version(root: Path, remote: str, version: str) -> None:
             "--quiet",
             "--no-tags",
             remote,
-            f"+refs/heads/{MODEL_NAME}/{version}:refs/remotes/{remote}/{MODEL_NAME}/{version}",
+            f"+refs/heads/{ARTIFACT}/{version}:refs/remotes/{remote}/{ARTIFACT}/{version}",
         ],
         cwd=root,
         capture_output=True,
         text=True,
     )
     if fetched.returncode != 0:
-        raise DataError(f"fetching {MODEL_NAME}/{version} from {remote!r}: {fetched.stderr.strip()}")
+        raise DataError(f"fetching {ARTIFACT}/{version} from {remote!r}: {fetched.stderr.strip()}")
 
 
 def load_served(choice: str, version: str, params: Params, root: Path) -> Served:
@@ -239,7 +238,7 @@ class Service:
         else:
             where = registry_prod(self.root, self.params.promote.remote)
             if where is None:
-                raise DataError(f"no version of {MODEL_NAME} is in prod yet (python -m tasks.promote)")
+                raise DataError(f"no version of {ARTIFACT} is in prod yet (python -m tasks.promote)")
             version, revision = where
             if self.served is not None and (self.served.version, self.served.revision) == where:
                 return
@@ -253,7 +252,7 @@ class Service:
         if previous is None:
             log.info(
                 "serving %s %s (sha256 %s), ready in %.1f s",
-                MODEL_NAME,
+                ARTIFACT,
                 loaded.version,
                 loaded.sha256[:12],
                 time.perf_counter() - started,
@@ -489,7 +488,7 @@ def create_app(service: Service):
             headers={"X-Model-Version": served.version, "X-Model-Sha256": served.sha256},
         )
 
-    @app.get(f"/v1/models/{MODEL_NAME}")
+    @app.get(f"/v1/models/{ARTIFACT}")
     async def model_status():
         if service.served is None:
             return JSONResponse({"error": "no model loaded yet", "load_error": service.load_error}, status_code=503)
@@ -499,7 +498,7 @@ def create_app(service: Service):
             "reference_profile": service.served.profile is not None,
         }
 
-    @app.get(f"/v1/models/{MODEL_NAME}/drift")
+    @app.get(f"/v1/models/{ARTIFACT}/drift")
     async def drift():
         report = service.drift_report
         window = sum(len(part["predicted"]) for part in service._window)
