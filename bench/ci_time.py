@@ -1,6 +1,6 @@
 """CI's time from a fresh clone, on this CPU or on a slower one stood in for by a CPU quota.
 
-Usage: python -m bench.ci_time [--cpus N] [--isa-cap ISA] [--workdir DIR]
+Usage: python -m bench.ci_time [--cpus N] [--isa-cap ISA] [--rev COMMIT] [--workdir DIR]
 
 Clones HEAD with ../shared linked beside it (as bench.overhead does) and runs `.ci/run` there as
 CI does, inside a cgroup of its own, so the CPU time of every process it starts is counted,
@@ -113,10 +113,14 @@ def main() -> None:
     parser.add_argument("--cpus", type=float, help="cap CI at this many cores (1.25 stands in for Zen 1)")
     parser.add_argument("--isa-cap", help="ONEDNN_MAX_CPU_ISA for CI's processes, such as AVX2")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/cifar10-ci-time"))
+    parser.add_argument(
+        "--rev",
+        help="run CI at this commit instead of HEAD (one timed on another CPU, as 1afb8dc on Zen 1, calibrates --cpus)",
+    )
     arguments = parser.parse_args()
     if arguments.cpus is not None and arguments.cpus <= 0:
         parser.error(f"--cpus {arguments.cpus}: expected a positive number of cores")
-    project, environment = fresh_clone(arguments.workdir)
+    project, environment = fresh_clone(arguments.workdir, arguments.rev)
     environment["CI"] = "true"
     cpu_log = arguments.workdir / "test_cpu.jsonl"
     environment["CIFAR10_TEST_CPU_LOG"] = str(cpu_log)

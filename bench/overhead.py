@@ -82,14 +82,16 @@ def timed(command: list[str], cwd: Path, environment: dict, log: Path) -> float:
     return time.perf_counter() - start
 
 
-def fresh_clone(workdir: Path) -> tuple[Path, dict]:
-    """HEAD cloned into `workdir`/main with ../shared linked beside it, and a shell's environment to run it in."""
+def fresh_clone(workdir: Path, rev: str | None = None, source: Path = ROOT) -> tuple[Path, dict]:
+    """`source` cloned into `workdir`/main at `rev` (default HEAD), ../shared beside it; a shell's environment."""
     if workdir.exists():
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
     project = workdir / "main"
-    subprocess.run(["git", "clone", "--quiet", str(ROOT), str(project)], check=True)
-    (workdir / "shared").symlink_to((ROOT.parent / "shared").resolve())
+    subprocess.run(["git", "clone", "--quiet", str(source), str(project)], check=True)
+    if rev:
+        subprocess.run(["git", "-c", "advice.detachedHead=false", "checkout", "--quiet", rev], cwd=project, check=True)
+    (workdir / "shared").symlink_to((source.parent / "shared").resolve())
     # A shell's environment, not this venv's: the clone builds and uses its own.
     environment = {key: value for key, value in os.environ.items() if key not in ("PREFECT_API_URL", "VIRTUAL_ENV")}
     return project, environment

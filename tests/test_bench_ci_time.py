@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import subprocess
 
 import pytest
 
 from bench.ci_time import make_cgroup, minutes, most_cpu, pytest_tail
+from bench.overhead import commit_of, fresh_clone
 
 CI_LOG = """make setup
 ........................................................................ [ 96%]
@@ -76,3 +78,20 @@ def test_the_tests_with_the_most_cpu_come_first_with_their_share():
     assert lines[0] == "all 3 tests: 60 CPU-seconds, 60% of CI's"
     assert [line.split()[-1] for line in lines[1:]] == ["b", "c"]
     assert "(30.0%)" in lines[1]
+
+
+def test_the_clone_is_of_the_commit_asked_for_with_shared_beside_it(tmp_path):
+    source, shared = tmp_path / "repo", tmp_path / "shared"
+    shared.mkdir()
+    commits = []
+    for message in ("first", "second"):
+        git = ["git", "-C", str(source), "-c", "user.name=t", "-c", "user.email=t@e"]
+        if not commits:
+            subprocess.run(["git", "init", "--quiet", str(source)], check=True)
+        subprocess.run([*git, "commit", "--quiet", "--allow-empty", "-m", message], check=True)
+        commits.append(commit_of(source))
+    for rev, expected in ((None, commits[1]), (commits[0], commits[0])):
+        project, environment = fresh_clone(tmp_path / "work", rev, source=source)
+        assert commit_of(project) == expected
+        assert (project.parent / "shared").resolve() == shared.resolve()
+        assert "VIRTUAL_ENV" not in environment
