@@ -39,7 +39,7 @@ from tasks.lib.io import DataError
 from tasks.lib.numerics import apply_numerics
 from tasks.lib.params import Params, load_params
 from tasks.predict import Predictor, load_predictor_model, resolve_model
-from tasks.promote import ARTIFACT, prod_from_refs
+from tasks.promote import ARTIFACT, prod_from_refs, registry_listing
 
 log = logging.getLogger("flows.serve")
 
@@ -77,13 +77,8 @@ class Served:
 
 
 def registry_prod(root: Path, remote: str) -> tuple[str, str] | None:
-    """Where the remote's registry has prod now: (version, commit), or None."""
-    listed = subprocess.run(
-        ["git", "ls-remote", "--tags", remote, f"refs/tags/{ARTIFACT}*"], cwd=root, capture_output=True, text=True
-    )
-    if listed.returncode != 0:
-        raise DataError(f"asking git remote {remote!r} where prod is: {listed.stderr.strip() or 'git failed'}")
-    return prod_from_refs(listed.stdout)
+    """Where the remote's registry has prod now: (version, commit), or None (a DataError when git cannot say)."""
+    return prod_from_refs(registry_listing(root, remote))
 
 
 def fetch_version(root: Path, remote: str, version: str) -> None:

@@ -178,9 +178,10 @@ def tag_commits(listing: str) -> dict[str, str]:
     return commits
 
 
-def registry_listing(root: Path) -> str:
-    """This clone's GTO tags of the model, as `git ls-remote --tags` lists them (prod_from_refs reads it)."""
-    return command(["git", "ls-remote", "--tags", ".", f"refs/tags/{ARTIFACT}*"], root, what="reading the registry")
+def registry_listing(root: Path, remote: str = ".") -> str:
+    """GTO's tags of the model in `remote` (default: this clone), as `git ls-remote --tags` lists them."""
+    listing = ["git", "ls-remote", "--tags", remote, f"refs/tags/{ARTIFACT}*"]
+    return command(listing, root, what=f"reading the registry in {remote!r}")
 
 
 def prod_from_refs(listing: str) -> tuple[str, str] | None:
