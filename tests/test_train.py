@@ -431,16 +431,18 @@ def test_disk_full_during_a_checkpoint_keeps_earlier_epochs_and_resumes(split_pa
     assert pd.read_csv(params.paths.training / "history.csv")["epoch"].tolist() == [1, 2, 3]
 
 
-@pytest.mark.parametrize("tampered", ["epoch-002.keras", "epoch-002.random.json"])
-def test_tampered_checkpoint_or_seed_states_are_refused_on_resume(split_params, tampered):
+def test_tampered_checkpoint_or_seed_states_are_refused_on_resume(split_params):
     params = with_train(split_params, epochs=3, **SPEED_RECIPE)  # random layers: seed states to save
     train.run(params)
     checkpoints = params.paths.resume
     as_if_killed_during(checkpoints, 3)
-    payload = bytearray((checkpoints / tampered).read_bytes())
-    # One digit changed: the seed states still parse, and would be used if nothing checked them.
-    index = next(i for i in range(len(payload) // 2, len(payload)) if chr(payload[i]).isdigit())
-    payload[index] = ord("1" if payload[index] != ord("1") else "2")
-    (checkpoints / tampered).write_bytes(bytes(payload))
-    with pytest.raises(DataError, match=f"{tampered}: sha256 is"):
-        train.run(params)
+    for tampered in ("epoch-002.keras", "epoch-002.random.json"):  # each on its own, the other as written
+        original = (checkpoints / tampered).read_bytes()
+        payload = bytearray(original)
+        # One digit changed: the seed states still parse, and would be used if nothing checked them.
+        index = next(i for i in range(len(payload) // 2, len(payload)) if chr(payload[i]).isdigit())
+        payload[index] = ord("1" if payload[index] != ord("1") else "2")
+        (checkpoints / tampered).write_bytes(bytes(payload))
+        with pytest.raises(DataError, match=f"{tampered}: sha256 is"):
+            train.run(params)
+        (checkpoints / tampered).write_bytes(original)
